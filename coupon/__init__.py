@@ -1,0 +1,1 @@
+"""First-come-first-served coupon campaigns over the Connect protocol."""

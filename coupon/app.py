@@ -1,0 +1,85 @@
+"""The ASGI application: Connect routes plus health endpoints, around one store."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from connectrpc.codec import proto_binary_codec, proto_json_codec
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from coupon.config import Config, ConfigError, load_config
+from coupon.gen.coupon_connect import CouponServiceASGIApplication
+from coupon.rpc_errors import ErrorInterceptor
+from coupon.service import CouponServiceImpl
+from coupon.store.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from starlette.requests import Request
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from coupon.store import Store
+
+log = logging.getLogger("coupon.app")
+
+CONFIG_PATH_ENV = "COUPON_CONFIG_PATH"
+
+
+def build_store(config: Config) -> Store:
+    if config.store.type != "memory":
+        raise ConfigError(f"store.type {config.store.type!r} is not available in this build")
+    return MemoryStore()
+
+
+def create_app(config: Config, store: Store | None = None) -> ASGIApp:
+    """Build the app; the store opens at start-up and closes at shutdown (ASGI lifespan)."""
+    the_store = store if store is not None else build_store(config)
+    connect_app = CouponServiceASGIApplication(
+        CouponServiceImpl(the_store, config.limits),
+        interceptors=[ErrorInterceptor()],
+        # Unknown JSON fields are refused: a misspelt "startTime" must not start a campaign now.
+        codecs=[proto_binary_codec(), proto_json_codec(ignore_unknown_fields=False)],
+        read_max_bytes=config.limits.max_request_bytes,
+    )
+
+    async def healthz(_: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(_: Request) -> PlainTextResponse:
+        if await the_store.is_ready():
+            return PlainTextResponse("ready\n")
+        return PlainTextResponse("store unavailable\n", status_code=503)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await the_store.open()
+        try:
+            yield
+        finally:
+            await the_store.close()
+
+    # Starlette owns the lifespan; the Connect app is called directly rather than mounted,
+    # which would both hide lifespan from it and cost a routing pass on the hot path.
+    side_routes = Starlette(
+        routes=[Route("/healthz", healthz), Route("/readyz", readyz)], lifespan=lifespan
+    )
+    connect_prefix = connect_app.path + "/"
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(connect_prefix):
+            await connect_app(scope, receive, send)
+        else:
+            await side_routes(scope, receive, send)
+
+    return app
+
+
+def app_from_environment() -> ASGIApp:
+    """Factory for uvicorn worker processes, which re-read the config the parent named."""
+    return create_app(load_config(os.environ.get(CONFIG_PATH_ENV) or None))

@@ -1,0 +1,1 @@
+"""Generated from proto/coupon.proto by scripts/generate.sh. DO NOT EDIT."""

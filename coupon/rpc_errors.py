@@ -1,0 +1,64 @@
+"""The one place where domain errors become Connect errors.
+
+Anything else that escapes a handler is a bug: its traceback goes to the server log and the
+client gets a generic `internal` error, so no driver message, SQL or DSN ever leaves the process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from coupon import errors
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from connectrpc.request import RequestContext
+
+log = logging.getLogger("coupon.rpc")
+
+REQ = TypeVar("REQ")
+RES = TypeVar("RES")
+
+CONNECT_CODE_BY_ERROR: dict[type[errors.CouponError], Code] = {
+    errors.InvalidArgument: Code.INVALID_ARGUMENT,
+    errors.CampaignNotFound: Code.NOT_FOUND,
+    errors.CampaignNotStarted: Code.FAILED_PRECONDITION,
+    errors.SoldOut: Code.RESOURCE_EXHAUSTED,
+    errors.StoreUnavailable: Code.UNAVAILABLE,
+    errors.Unauthenticated: Code.UNAUTHENTICATED,
+    errors.PermissionDenied: Code.PERMISSION_DENIED,
+}
+
+
+def to_connect_error(error: errors.CouponError) -> ConnectError:
+    for error_type in type(error).__mro__:
+        code = CONNECT_CODE_BY_ERROR.get(error_type)
+        if code is not None:
+            return ConnectError(code, error.message)
+    return ConnectError(Code.INTERNAL, "internal error")
+
+
+class ErrorInterceptor:
+    """Turns domain errors into their Connect codes and bugs into a generic `internal`."""
+
+    async def intercept_unary(
+        self,
+        call_next: Callable[[REQ, RequestContext[Any, Any]], Awaitable[RES]],
+        request: REQ,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> RES:
+        try:
+            return await call_next(request, ctx)
+        except ConnectError:
+            raise
+        except errors.CouponError as e:
+            raise to_connect_error(e) from None
+        except Exception:
+            log.exception("unexpected error in %s", ctx.method.name)
+            raise ConnectError(Code.INTERNAL, "internal error") from None

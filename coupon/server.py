@@ -1,0 +1,63 @@
+"""`coupon-server --config FILE`: load the config and serve it with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.config
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from coupon.app import CONFIG_PATH_ENV
+from coupon.config import ConfigError, load_config
+from coupon.logs import logging_config
+
+log = logging.getLogger("coupon.server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="coupon-server", description="Run the coupon issuer.")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config file; without it, built-in defaults (memory store, 127.0.0.1:8080)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"coupon-server: {e}", file=sys.stderr)
+        return 2
+    log_config = logging_config(config.server.log_format, config.server.log_level)
+    logging.config.dictConfig(log_config)
+    if args.config:
+        # Worker processes re-read the same file (and the same environment overrides).
+        os.environ[CONFIG_PATH_ENV] = str(Path(args.config).resolve())
+    else:
+        os.environ.pop(CONFIG_PATH_ENV, None)
+    log.info(
+        "starting: store=%s host=%s port=%d workers=%d",
+        config.store.type,
+        config.server.host,
+        config.server.port,
+        config.server.workers,
+    )
+    uvicorn.run(
+        "coupon.app:app_from_environment",
+        factory=True,
+        host=config.server.host,
+        port=config.server.port,
+        workers=config.server.workers,
+        access_log=config.server.access_log,
+        log_config=log_config,
+        timeout_graceful_shutdown=config.server.shutdown_timeout_s,
+        server_header=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
