@@ -6,14 +6,19 @@ import argparse
 import logging
 import logging.config
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from coupon.app import CONFIG_PATH_ENV
 from coupon.config import ConfigError, load_config
 from coupon.logs import logging_config
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 log = logging.getLogger("coupon.server")
 
@@ -45,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         config.server.port,
         config.server.workers,
     )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
+    # it found. Finding this one, a graceful stop exits 0, as service managers expect (and a
+    # signal that arrives before uvicorn takes over still stops the process).
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _exit_quietly)
     uvicorn.run(
         "coupon.app:app_from_environment",
         factory=True,
@@ -57,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         server_header=False,
     )
     return 0
+
+
+def _exit_quietly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""The generated Connect client, speaking binary protobuf, against a real server."""
+
+from __future__ import annotations
+
+import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from protobuf.wkt import Timestamp
+
+from coupon.codes import is_code
+from coupon.gen.coupon_connect import CouponServiceClient
+from coupon.gen.coupon_pb import CreateCampaignRequest, GetCampaignRequest, IssueCouponRequest
+
+
+async def test_the_main_calls_through_the_generated_client(server: str) -> None:
+    async with CouponServiceClient(server) as client:
+        created = await client.create_campaign(
+            CreateCampaignRequest(name="Proto", total=2, start_time=Timestamp(seconds=0))
+        )
+        codes = []
+        for user in ("a", "b"):
+            reply = await client.issue_coupon(
+                IssueCouponRequest(campaign_id=created.campaign_id, user_id=user)
+            )
+            assert is_code(reply.code)
+            assert reply.issued_at is not None
+            codes.append(reply.code)
+        with pytest.raises(ConnectError) as sold_out:
+            await client.issue_coupon(IssueCouponRequest(campaign_id=created.campaign_id))
+        assert sold_out.value.code == Code.RESOURCE_EXHAUSTED
+
+        page = await client.get_campaign(
+            GetCampaignRequest(campaign_id=created.campaign_id, page_size=1)
+        )
+        assert page.name == "Proto"
+        assert page.total == 2
+        assert page.issued_count == 2
+        assert list(page.issued_codes) == codes[:1]
+        rest = await client.get_campaign(
+            GetCampaignRequest(campaign_id=created.campaign_id, page_token=page.next_page_token)
+        )
+        assert list(rest.issued_codes) == codes[1:]
+        assert rest.next_page_token == ""
+
+
+async def test_errors_reach_the_generated_client_as_connect_codes(server: str) -> None:
+    async with CouponServiceClient(server) as client:
+        with pytest.raises(ConnectError) as not_found:
+            await client.get_campaign(
+                GetCampaignRequest(campaign_id="00000000-0000-4000-8000-000000000000")
+            )
+        assert not_found.value.code == Code.NOT_FOUND
+        with pytest.raises(ConnectError) as invalid:
+            await client.create_campaign(CreateCampaignRequest(name="x", total=0))
+        assert invalid.value.code == Code.INVALID_ARGUMENT

@@ -1,0 +1,161 @@
+"""The error table of DESIGN.md §3, row by row, over HTTP with JSON."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from connectrpc.code import Code
+
+from coupon import errors
+from coupon.app import create_app
+from coupon.config import Config
+from coupon.rpc_errors import CONNECT_CODE_BY_ERROR, to_connect_error
+from coupon.store.memory import MemoryStore
+from tests.support import JSON, SERVICE, ServerThread, call
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "http_status"),
+    [
+        (errors.InvalidArgument("x"), "invalid_argument", 400),
+        (errors.CampaignNotFound(), "not_found", 404),
+        (errors.CampaignNotStarted(datetime(2030, 1, 1, tzinfo=UTC)), "failed_precondition", 400),
+        (errors.SoldOut(), "resource_exhausted", 429),
+        (errors.StoreUnavailable(), "unavailable", 503),
+        (errors.Unauthenticated(), "unauthenticated", 401),
+        (errors.PermissionDenied(), "permission_denied", 403),
+        (RuntimeError("postgresql://admin:hunter2@db/prod"), "internal", 500),
+    ],
+)
+async def test_every_error_reaches_the_client_with_its_code_and_status(
+    error: Exception, code: str, http_status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    class FailingStore(MemoryStore):
+        async def issue_coupon(self, campaign_id: str, user_id: str | None) -> Any:
+            raise error
+
+    with ServerThread(create_app(Config(), FailingStore())) as server:
+        async with httpx.AsyncClient(base_url=server.base_url) as client:
+            status, body = await call(client, "IssueCoupon", {"campaignId": UNKNOWN_ID})
+            assert (status, body["code"]) == (http_status, code)
+            assert "hunter2" not in body["message"]
+            # The same connection keeps working after any error, a bug included.
+            status, _ = await call(client, "CreateCampaign", {"name": "n", "total": 1})
+            assert status == 200
+    if code == "internal":
+        assert body["message"] == "internal error"
+        assert any(r.exc_info and "hunter2" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_every_domain_error_has_a_connect_code() -> None:
+    domain_errors = {cls for cls in vars(errors).values() if isinstance(cls, type)} - {
+        errors.CouponError
+    }
+    domain_errors = {cls for cls in domain_errors if issubclass(cls, errors.CouponError)}
+    assert domain_errors == set(CONNECT_CODE_BY_ERROR)
+    assert to_connect_error(errors.CouponError()).code == Code.INTERNAL
+
+
+@pytest.fixture
+async def client(server: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server) as http:
+        yield http
+
+
+BAD_REQUESTS: list[tuple[str, dict[str, Any] | bytes, str]] = [
+    ("CreateCampaign", b"{not json", "invalid_argument"),
+    ("CreateCampaign", b"[1, 2]", "invalid_argument"),
+    ("CreateCampaign", {"name": "x", "total": "many"}, "invalid_argument"),
+    ("CreateCampaign", {"name": 5, "total": 1}, "invalid_argument"),
+    ("CreateCampaign", {"name": "x", "total": 2**40}, "invalid_argument"),
+    (
+        "CreateCampaign",
+        {"name": "x", "total": 1, "startTIme": "2030-01-01T00:00:00Z"},
+        "invalid_argument",
+    ),
+    ("CreateCampaign", {"name": "x", "total": 1, "startTime": "tomorrow"}, "invalid_argument"),
+    ("CreateCampaign", {"name": "", "total": 1}, "invalid_argument"),
+    ("CreateCampaign", {"name": "   ", "total": 1}, "invalid_argument"),
+    ("CreateCampaign", {"name": "n" * 201, "total": 1}, "invalid_argument"),
+    ("CreateCampaign", {"name": "x"}, "invalid_argument"),
+    ("CreateCampaign", {"name": "x", "total": -1}, "invalid_argument"),
+    ("CreateCampaign", {"name": "x", "total": 1_000_001}, "invalid_argument"),
+    ("IssueCoupon", {}, "invalid_argument"),
+    ("IssueCoupon", {"campaignId": "not-a-campaign"}, "invalid_argument"),
+    ("IssueCoupon", {"campaignId": UNKNOWN_ID, "userId": "u" * 129}, "invalid_argument"),
+    ("IssueCoupon", {"campaignId": UNKNOWN_ID, "extra": 1}, "invalid_argument"),
+    ("IssueCoupon", {"campaignId": UNKNOWN_ID}, "not_found"),
+    ("GetCampaign", {"campaignId": UNKNOWN_ID}, "not_found"),
+    ("GetCampaign", {"campaignId": UNKNOWN_ID, "pageSize": -1}, "invalid_argument"),
+    ("GetCampaign", {"campaignId": UNKNOWN_ID, "pageSize": 10_001}, "invalid_argument"),
+    ("GetCampaign", {"campaignId": UNKNOWN_ID, "pageToken": "garbage!"}, "invalid_argument"),
+]
+
+
+@pytest.mark.parametrize(("method", "body", "code"), BAD_REQUESTS)
+async def test_bad_input_gets_a_clear_connect_error(
+    client: httpx.AsyncClient, method: str, body: dict[str, Any] | bytes, code: str
+) -> None:
+    status, reply = await call(client, method, body)
+    expected_status = {"invalid_argument": 400, "not_found": 404}[code]
+    assert (status, reply["code"]) == (expected_status, code)
+    assert reply["message"]
+
+
+async def test_a_page_token_of_another_campaign_is_refused(client: httpx.AsyncClient) -> None:
+    ids = []
+    for _ in range(2):
+        _, body = await call(client, "CreateCampaign", {"name": "x", "total": 3})
+        ids.append(body["campaignId"])
+        for _ in range(3):
+            await call(client, "IssueCoupon", {"campaignId": ids[-1]})
+    _, page = await call(client, "GetCampaign", {"campaignId": ids[0], "pageSize": 1})
+    token = page["nextPageToken"]
+    status, body = await call(client, "GetCampaign", {"campaignId": ids[1], "pageToken": token})
+    assert (status, body["code"]) == (400, "invalid_argument")
+
+
+async def test_a_body_over_the_size_limit_is_resource_exhausted(client: httpx.AsyncClient) -> None:
+    huge = {"name": "x" * (64 * 1024), "total": 1}
+    status, body = await call(client, "CreateCampaign", huge)
+    assert (status, body["code"]) == (429, "resource_exhausted")
+
+
+async def test_unknown_method_and_wrong_content_type_are_http_errors(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post(f"{SERVICE}/DeleteEverything", content=b"{}", headers=JSON)
+    assert response.status_code == 404
+    response = await client.post(
+        f"{SERVICE}/IssueCoupon", content=b"{}", headers={"Content-Type": "text/plain"}
+    )
+    assert response.status_code == 415
+
+
+async def test_internal_errors_are_logged_with_their_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class BrokenStore(MemoryStore):
+        async def create_campaign(self, campaign: Any) -> Any:
+            raise KeyError("boom")
+
+    with (
+        caplog.at_level(logging.ERROR, logger="coupon.rpc"),
+        ServerThread(create_app(Config(), BrokenStore())) as server,
+    ):
+        async with httpx.AsyncClient(base_url=server.base_url) as client:
+            status, body = await call(client, "CreateCampaign", {"name": "x", "total": 1})
+    assert (status, body) == (500, {"code": "internal", "message": "internal error"})
+    records = [r for r in caplog.records if r.name == "coupon.rpc"]
+    assert records
+    assert records[0].exc_info is not None
+    assert "CreateCampaign" in records[0].getMessage()
