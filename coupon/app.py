@@ -9,11 +9,15 @@ from typing import TYPE_CHECKING
 
 from connectrpc.codec import proto_binary_codec, proto_json_codec
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from coupon.auth import AdminAuthInterceptor
 from coupon.config import Config, ConfigError, load_config
 from coupon.gen.coupon_connect import CouponServiceASGIApplication
+from coupon.metrics import MetricsInterceptor
+from coupon.metrics import render as render_metrics
+from coupon.request_ids import RequestIdInterceptor
 from coupon.rpc_errors import ErrorInterceptor
 from coupon.service import CouponServiceImpl
 from coupon.store.memory import MemoryStore
@@ -42,7 +46,14 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
     the_store = store if store is not None else build_store(config)
     connect_app = CouponServiceASGIApplication(
         CouponServiceImpl(the_store, config.limits),
-        interceptors=[ErrorInterceptor()],
+        # Metadata interceptors first: they run before the body is parsed, so metrics count
+        # every call and a missing admin token is refused without reading the body.
+        interceptors=[
+            MetricsInterceptor(),
+            RequestIdInterceptor(),
+            *([AdminAuthInterceptor(config.auth.admin_token)] if config.auth.admin_token else []),
+            ErrorInterceptor(),
+        ],
         # Unknown JSON fields are refused: a misspelt "startTime" must not start a campaign now.
         codecs=[proto_binary_codec(), proto_json_codec(ignore_unknown_fields=False)],
         read_max_bytes=config.limits.max_request_bytes,
@@ -56,6 +67,10 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
             return PlainTextResponse("ready\n")
         return PlainTextResponse("store unavailable\n", status_code=503)
 
+    async def metrics_endpoint(_: Request) -> Response:
+        body, content_type = render_metrics()
+        return Response(body, media_type=content_type)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await the_store.open()
@@ -67,17 +82,44 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
     # Starlette owns the lifespan; the Connect app is called directly rather than mounted,
     # which would both hide lifespan from it and cost a routing pass on the hot path.
     side_routes = Starlette(
-        routes=[Route("/healthz", healthz), Route("/readyz", readyz)], lifespan=lifespan
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics_endpoint),
+        ],
+        lifespan=lifespan,
     )
     connect_prefix = connect_app.path + "/"
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(connect_prefix):
+            if _is_native_grpc(scope):
+                await _NATIVE_GRPC_REFUSAL(scope, receive, send)
+                return
             await connect_app(scope, receive, send)
         else:
             await side_routes(scope, receive, send)
 
     return app
+
+
+# Native gRPC needs HTTP/2 trailers, which uvicorn does not send; without this refusal the
+# runtime fails inside the call and logs a traceback. gRPC-Web carries its trailers in the body
+# and works, as do Connect JSON and binary.
+_NATIVE_GRPC_REFUSAL = PlainTextResponse(
+    "native gRPC (HTTP/2 trailers) is not served here; use the Connect protocol or gRPC-Web\n",
+    status_code=415,
+    headers={"Accept-Post": "application/json, application/proto, application/grpc-web"},
+)
+
+
+def _is_native_grpc(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.startswith(b"application/grpc") and not value.startswith(
+                b"application/grpc-web"
+            )
+    return False
 
 
 def app_from_environment() -> ASGIApp:

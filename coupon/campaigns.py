@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,6 +37,8 @@ class NewCampaign:
         name = name.strip()
         if not 1 <= len(name) <= NAME_MAX_CHARS:
             raise InvalidArgument(f"name must be 1..{NAME_MAX_CHARS} characters after trimming")
+        if _has_control_characters(name):
+            raise InvalidArgument("name must not contain control characters")
         if not 1 <= total <= max_total:
             raise InvalidArgument(f"total must be between 1 and {max_total}")
         return cls(id=str(uuid.uuid4()), name=name, total=total, start_time=start_time)
@@ -54,6 +57,7 @@ class Campaign:
 class IssuedCoupon:
     code: str
     issued_at: datetime
+    repeat: bool = False  # the user's earlier coupon, handed out again
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,8 @@ def parse_user_id(text: str) -> str | None:
         return None
     if len(text) > USER_ID_MAX_CHARS:
         raise InvalidArgument(f"user_id must be at most {USER_ID_MAX_CHARS} characters")
+    if _has_control_characters(text):
+        raise InvalidArgument("user_id must not contain control characters")
     return text
 
 
@@ -95,3 +101,8 @@ def parse_page_size(size: int) -> int:
     if not 1 <= size <= MAX_PAGE_SIZE:
         raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE}")
     return size
+
+
+def _has_control_characters(text: str) -> bool:
+    # Control characters (NUL above all, which PostgreSQL text cannot hold) are never meant.
+    return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)

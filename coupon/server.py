@@ -6,8 +6,10 @@ import argparse
 import logging
 import logging.config
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ import uvicorn
 from coupon.app import CONFIG_PATH_ENV
 from coupon.config import ConfigError, load_config
 from coupon.logs import logging_config
+from coupon.metrics import MULTIPROCESS_DIR_ENV
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -38,6 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log_config = logging_config(config.server.log_format, config.server.log_level)
     logging.config.dictConfig(log_config)
+    if not config.auth.admin_token:
+        log.warning(
+            "auth.admin_token is not set: CreateCampaign and GetCampaign are open to anyone "
+            "who can reach this port"
+        )
+    metrics_dir = ""
+    if config.server.workers > 1:
+        # Each worker writes its metrics here so /metrics can sum them (see coupon.metrics).
+        metrics_dir = tempfile.mkdtemp(prefix="coupon-metrics-")
+        os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
     if args.config:
         # Worker processes re-read the same file (and the same environment overrides).
         os.environ[CONFIG_PATH_ENV] = str(Path(args.config).resolve())
@@ -55,17 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     # signal that arrives before uvicorn takes over still stops the process).
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _exit_quietly)
-    uvicorn.run(
-        "coupon.app:app_from_environment",
-        factory=True,
-        host=config.server.host,
-        port=config.server.port,
-        workers=config.server.workers,
-        access_log=config.server.access_log,
-        log_config=log_config,
-        timeout_graceful_shutdown=config.server.shutdown_timeout_s,
-        server_header=False,
-    )
+    try:
+        uvicorn.run(
+            "coupon.app:app_from_environment",
+            factory=True,
+            host=config.server.host,
+            port=config.server.port,
+            workers=config.server.workers,
+            access_log=config.server.access_log,
+            log_config=log_config,
+            timeout_graceful_shutdown=config.server.shutdown_timeout_s,
+            server_header=False,
+        )
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

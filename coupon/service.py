@@ -5,13 +5,15 @@ Domain errors raised here or in the store are translated in coupon.rpc_errors.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from protobuf.wkt import Timestamp
 
+from coupon import metrics
 from coupon.campaigns import NewCampaign, parse_campaign_id, parse_page_size, parse_user_id
-from coupon.errors import InvalidArgument
+from coupon.errors import CampaignNotStarted, InvalidArgument, SoldOut
 from coupon.gen.coupon_connect import CouponService
 from coupon.gen.coupon_pb import (
     CreateCampaignRequest,
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
 
     from coupon.config import LimitsConfig
     from coupon.store import Store
+
+
+log = logging.getLogger("coupon.service")
 
 
 class CouponServiceImpl(CouponService):
@@ -48,6 +53,12 @@ class CouponServiceImpl(CouponService):
             max_total=self._limits.max_total,
         )
         created = await self._store.create_campaign(new)
+        log.info(
+            "campaign created: id=%s total=%d start_time=%s",
+            created.id,
+            created.total,
+            created.start_time.isoformat(),
+        )
         return CreateCampaignResponse(campaign_id=created.id)
 
     async def issue_coupon(
@@ -58,7 +69,16 @@ class CouponServiceImpl(CouponService):
     ) -> IssueCouponResponse:
         campaign_id = parse_campaign_id(request.campaign_id)
         user_id = parse_user_id(request.user_id)
-        coupon = await self._store.issue_coupon(campaign_id, user_id)
+        try:
+            coupon = await self._store.issue_coupon(campaign_id, user_id)
+        except SoldOut:
+            metrics.REFUSALS.labels("sold_out").inc()
+            raise
+        except CampaignNotStarted:
+            metrics.REFUSALS.labels("not_started").inc()
+            raise
+        if not coupon.repeat:
+            metrics.COUPONS_ISSUED.inc()
         return IssueCouponResponse(
             code=coupon.code, issued_at=Timestamp.from_datetime(coupon.issued_at)
         )

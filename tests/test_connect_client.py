@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
+from connectrpc.protocol import ProtocolType
 from protobuf.wkt import Timestamp
 
 from coupon.codes import is_code
@@ -53,3 +54,13 @@ async def test_errors_reach_the_generated_client_as_connect_codes(server: str) -
         with pytest.raises(ConnectError) as invalid:
             await client.create_campaign(CreateCampaignRequest(name="x", total=0))
         assert invalid.value.code == Code.INVALID_ARGUMENT
+
+
+async def test_grpc_web_clients_work(server: str) -> None:
+    async with CouponServiceClient(server, protocol=ProtocolType.GRPC_WEB) as client:
+        created = await client.create_campaign(CreateCampaignRequest(name="web", total=1))
+        reply = await client.issue_coupon(IssueCouponRequest(campaign_id=created.campaign_id))
+        assert is_code(reply.code)
+        with pytest.raises(ConnectError) as sold_out:
+            await client.issue_coupon(IssueCouponRequest(campaign_id=created.campaign_id))
+        assert sold_out.value.code == Code.RESOURCE_EXHAUSTED

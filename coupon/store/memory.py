@@ -59,7 +59,7 @@ class MemoryStore:
         if now < state.campaign.start_time:
             raise CampaignNotStarted(state.campaign.start_time)
         if user_id is not None and user_id in state.coupon_index_by_user:
-            return state.coupons[state.coupon_index_by_user[user_id]]
+            return replace(state.coupons[state.coupon_index_by_user[user_id]], repeat=True)
         if len(state.coupons) >= state.campaign.total:
             raise SoldOut()
         code = new_code()

@@ -1,0 +1,41 @@
+"""A request id per call: taken from `X-Request-Id` when the caller sends a sane one, else made
+up; echoed in the response and stamped on every log line written while the call runs."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import uuid
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from connectrpc.request import RequestContext
+
+HEADER = "x-request-id"
+_SANE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class RequestIdInterceptor:
+    """A Connect metadata interceptor: runs before the body is read, so every call has an id."""
+
+    async def on_start(self, ctx: RequestContext[Any, Any]) -> contextvars.Token[str]:
+        given = ctx.request_headers.get(HEADER, "")
+        request_id = given if _SANE.fullmatch(given) else uuid.uuid4().hex[:16]
+        ctx.response_headers[HEADER] = request_id
+        return current_request_id.set(request_id)
+
+    async def on_end(
+        self, token: contextvars.Token[str], ctx: RequestContext[Any, Any], error: Exception | None
+    ) -> None:
+        current_request_id.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every log record ('-' outside a call)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get()
+        return True
