@@ -38,6 +38,11 @@ log = logging.getLogger("coupon.store.postgres")
 # A collision needs two equal 134-bit codes; more than a few in a row means a bug, not bad luck.
 MAX_CODE_ATTEMPTS = 8
 READY_CHECK_TIMEOUT_S = 2.0
+# psycopg_pool retries a failed connection with doubling delays until this many seconds have
+# passed (default 300), then frees the slot, and the next request starts a fresh attempt.
+# Kept short so that, after an outage, a slot is never parked in a minute-long backoff while
+# the database is back: service resumes within seconds.
+RECONNECT_TIMEOUT_S = 10.0
 
 
 @contextlib.contextmanager
@@ -77,6 +82,7 @@ class PostgresStore:
             # Bounded wait for a connection: when the database is gone, callers get
             # `unavailable` quickly instead of queueing for the default 30 s.
             timeout=config.connect_timeout_s,
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
             kwargs={
                 "autocommit": True,  # transactions are explicit: conn.transaction()
                 "connect_timeout": config.connect_timeout_s,
