@@ -36,9 +36,14 @@ CONFIG_PATH_ENV = "COUPON_CONFIG_PATH"
 
 
 def build_store(config: Config) -> Store:
-    if config.store.type != "memory":
-        raise ConfigError(f"store.type {config.store.type!r} is not available in this build")
-    return MemoryStore()
+    if config.store.type == "memory":
+        return MemoryStore()
+    if config.store.type == "postgres":
+        # Imported here so the memory store runs without the database driver loaded.
+        from coupon.store.postgres import PostgresStore
+
+        return PostgresStore(config.database)
+    raise ConfigError(f"store.type {config.store.type!r} is not available in this build")
 
 
 def create_app(config: Config, store: Store | None = None) -> ASGIApp:

@@ -13,14 +13,16 @@ from coupon.app import create_app
 from coupon.clock import ManualClock
 from coupon.config import Config, LimitsConfig
 from coupon.store.memory import MemoryStore
-from tests.support import ServerThread
+from coupon.store.postgres import PostgresStore
+from tests.postgres import TestDatabases, open_postgres_store, provision
+from tests.support import ServerThread, wait_until_healthy
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
     from coupon.store import Store
 
-STORE_KINDS = ["memory"]
+STORE_KINDS = ["memory", "postgres"]
 
 
 @pytest.fixture
@@ -33,18 +35,43 @@ def config() -> Config:
     return replace(Config(), limits=LimitsConfig(max_total=1_000_000, max_request_bytes=16 * 1024))
 
 
+@pytest.fixture(scope="session")
+def pg_databases() -> Iterator[TestDatabases]:
+    """The session's PostgreSQL (COUPON_TEST_DSN or a throw-away pgserver); fails if absent."""
+    with provision() as databases:
+        yield databases
+
+
+@pytest.fixture
+def pg_dsn(pg_databases: TestDatabases) -> Iterator[str]:
+    """A fresh database with the schema in place, dropped after the test."""
+    dsn = pg_databases.create()
+    yield dsn
+    pg_databases.drop(dsn)
+
+
 @pytest.fixture(params=STORE_KINDS)
-def store(request: pytest.FixtureRequest) -> Store:
-    """A fresh store of each engine; the memory store runs on the real clock here."""
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A fresh, open store of each engine; the memory store runs on the real clock here."""
     if request.param == "memory":
-        return MemoryStore()
-    raise AssertionError(f"unknown store kind {request.param}")
+        yield MemoryStore()
+    elif request.param == "postgres":
+        async with open_postgres_store(request.getfixturevalue("pg_dsn")) as pg_store:
+            yield pg_store
+    else:
+        raise AssertionError(f"unknown store kind {request.param}")
 
 
 @pytest.fixture
 def server(store: Store, config: Config) -> Iterator[str]:
     """A real HTTP server on loopback around `store`; yields its base URL."""
-    with ServerThread(create_app(config, store)) as running:
+    app_store = store
+    if isinstance(store, PostgresStore):
+        # A pool belongs to the event loop that opened it and the server runs its own loop,
+        # so the app gets its own store on the same database.
+        app_store = PostgresStore(store.config)
+    with ServerThread(create_app(config, app_store)) as running:
+        wait_until_healthy(running.base_url, path="/readyz")
         yield running.base_url
 
 

@@ -1,0 +1,74 @@
+"""PostgreSQL down at start-up and lost mid-run: the server degrades to 503 and recovers."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from tests.postgres import DedicatedPostgres
+from tests.server_process import ServerProcess
+from tests.support import JSON, SERVICE
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+
+@pytest.fixture
+def dedicated_pg() -> Iterator[DedicatedPostgres]:
+    pg = DedicatedPostgres()
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+def issue(http: httpx.Client, campaign_id: str) -> httpx.Response:
+    return http.post(f"{SERVICE}/IssueCoupon", json={"campaignId": campaign_id})
+
+
+def poll_issue(http: httpx.Client, campaign_id: str, status: int, timeout_s: float = 45) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = issue(http, campaign_id)
+        if response.status_code == status:
+            return
+        time.sleep(0.05)  # polling interval
+    raise AssertionError(f"IssueCoupon never answered {status}")
+
+
+def test_server_survives_postgres_down_at_start_and_mid_run(
+    tmp_path: Path, dedicated_pg: DedicatedPostgres
+):
+    with (
+        ServerProcess(tmp_path, dedicated_pg.dsn, workers=2) as server,
+        httpx.Client(base_url=server.base_url, headers=JSON, timeout=30) as http,
+    ):
+        # Started while PostgreSQL is down: alive, not ready.
+        server.wait_for("/healthz", 200)
+        assert http.get("/readyz").status_code == 503
+
+        dedicated_pg.start()
+        server.wait_for("/readyz", 200)
+        created = http.post(f"{SERVICE}/CreateCampaign", json={"name": "outage", "total": 1000})
+        assert created.status_code == 200, created.text
+        campaign_id = created.json()["campaignId"]
+        assert issue(http, campaign_id).status_code == 200
+
+        dedicated_pg.stop()
+        during = [issue(http, campaign_id) for _ in range(4)]
+        assert [(r.status_code, r.json()["code"]) for r in during] == [(503, "unavailable")] * 4
+        assert http.get("/readyz").status_code == 503
+
+        dedicated_pg.start()
+        poll_issue(http, campaign_id, 200)
+        server.wait_for("/readyz", 200)
+        page = http.post(f"{SERVICE}/GetCampaign", json={"campaignId": campaign_id}).json()
+        log = server.log()
+
+    print(f"\noutage: issued after recovery = {page['issuedCount']}")
+    assert page["issuedCount"] == len(page["issuedCodes"]) >= 2
+    assert "Traceback" not in log
