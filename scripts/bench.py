@@ -98,7 +98,7 @@ class Row:
     not_measured: str = ""
 
     def median(self, attribute: str) -> float:
-        return statistics.median(getattr(s, attribute) for s in self.samples)
+        return float(statistics.median(float(getattr(s, attribute)) for s in self.samples))
 
 
 def log(message: str) -> None:
@@ -277,7 +277,8 @@ def provision_postgres(args: argparse.Namespace, workdir: Path) -> Postgres:
         except ImportError as e:
             raise BenchError("no --dsn and the pgserver package is not installed") from e
         try:
-            server = pgserver.get_server(workdir / "pgdata", cleanup_mode="stop")
+            get_server = pgserver.get_server  # type: ignore[attr-defined]
+            server = get_server(workdir / "pgdata", cleanup_mode="stop")
         except Exception as e:
             raise BenchError(f"no --dsn and pgserver could not start: {e}") from e
         dsn, stop = server.get_uri(), server.cleanup
@@ -455,7 +456,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
             else:
                 dsn = pg.dsn if pg else ""
                 command = coupon_server_command(workdir, store, workers, port, dsn, args.token)
-            name = f"{kind}-{store}-{workers}"
+            name = "echo" if kind == "echo" else f"{store}-{workers}w"
             log(f"starting {name}: {shlex.join(command)}")
             try:
                 with server_process(command, base_url, workdir / f"{name}.log"):

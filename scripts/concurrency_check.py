@@ -100,16 +100,17 @@ class Connection:
         self._writer: asyncio.StreamWriter | None = None
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._reader is None or self._writer is None:
-            context = ssl.create_default_context() if self._tls else None
-            try:
-                self._reader, self._writer = await asyncio.wait_for(
-                    asyncio.open_connection(self._host, self._port, ssl=context),
-                    self._timeout_s,
-                )
-            except (OSError, TimeoutError) as e:
-                raise TransportError(f"connect to {self._host}:{self._port}: {e!r}") from e
-        return self._reader, self._writer
+        if self._reader is not None and self._writer is not None:
+            return self._reader, self._writer
+        context = ssl.create_default_context() if self._tls else None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self._host, self._port, ssl=context), self._timeout_s
+            )
+        except (OSError, TimeoutError) as e:
+            raise TransportError(f"connect to {self._host}:{self._port}: {e!r}") from e
+        self._reader, self._writer = reader, writer
+        return reader, writer
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         reader, writer = await self._connect()
