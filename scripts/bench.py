@@ -1,0 +1,621 @@
+"""Throughput of the coupon issuer with wrk, next to the baselines it cannot beat.
+
+    python scripts/bench.py                          # everything, 3 runs of 10 s each
+    python scripts/bench.py --only memory,echo --duration 5 --runs 3
+    python scripts/bench.py --dsn postgresql://user@127.0.0.1:5432/db
+
+It starts every server itself on free 127.0.0.1 ports (`python -m coupon.server --config
+<tmp yaml>`, or scripts/echo_server.py), waits for /readyz, loads it with wrk and
+scripts/wrk/issue.lua, and ends it by its PID. Configurations (--only picks among them):
+
+- echo:     bare Connect JSON echo on the same stack (baseline for the HTTP rows)
+- memory:   memory store, 1 worker, a campaign too large to sell out
+- soldout:  sold-out storm: a campaign of 1, sold, then loaded (memory; Postgres if available)
+- postgres: Postgres store with 1 and 2 workers, a campaign too large to sell out
+- pgbench:  one conditional increment + insert per transaction, 64 clients (baseline for
+            the Postgres rows)
+
+Postgres comes from --dsn or, without it, a throw-away pgserver (pip package). Rows that cannot
+run say why ("not measured: ...") in the output and in the report. Every figure is the median of
+--runs runs; writes --output (Markdown) and --chart (PNG, needs the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = ROOT / "scripts" / "wrk" / "issue.lua"
+ECHO = ROOT / "scripts" / "echo_server.py"
+SERVICE = "/coupon.CouponService"
+CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "pgbench")
+CONNECTIONS = (64, 256)
+LARGE_CAMPAIGN = 10_000_000  # limits.max_total: no run here comes near selling it out
+PGBENCH_CLIENTS = 64
+PGBENCH_SQL = """\
+WITH c AS (
+  UPDATE bench_campaigns SET issued = issued + 1
+  WHERE id = 1 AND issued < total AND start_time <= now()
+  RETURNING id
+)
+INSERT INTO bench_coupons (code, campaign_id)
+SELECT left(md5(random()::text || clock_timestamp()::text), 16), id FROM c;
+"""
+PGBENCH_SCHEMA = """\
+DROP TABLE IF EXISTS bench_coupons, bench_campaigns;
+CREATE TABLE bench_campaigns (
+  id int PRIMARY KEY, total int NOT NULL, issued int NOT NULL DEFAULT 0,
+  start_time timestamptz NOT NULL DEFAULT now(), CHECK (issued BETWEEN 0 AND total));
+CREATE TABLE bench_coupons (
+  code text NOT NULL UNIQUE, campaign_id int NOT NULL REFERENCES bench_campaigns,
+  issued_at timestamptz NOT NULL DEFAULT now());
+INSERT INTO bench_campaigns (id, total) VALUES (1, 2000000000);
+"""
+
+
+class BenchError(Exception):
+    """A configuration could not be measured; the message says why."""
+
+
+@dataclass
+class Sample:
+    rate: float  # per second: issued, sold-out answers, echoes or transactions
+    p50_ms: float
+    p99_ms: float
+    note: str = ""
+
+
+@dataclass
+class Row:
+    key: str  # baseline lookup key, e.g. "echo@64"
+    label: str
+    metric: str
+    baseline_key: str | None
+    samples: list[Sample] = field(default_factory=list)
+    not_measured: str = ""
+
+    def median(self, attribute: str) -> float:
+        return float(statistics.median(float(getattr(s, attribute)) for s in self.samples))
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rpc(base_url: str, method: str, body: dict[str, Any], token: str) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(
+        f"{base_url}{SERVICE}/{method}", json.dumps(body).encode(), headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@contextlib.contextmanager
+def server_process(
+    command: list[str], base_url: str, log_path: Path, timeout_s: float = 60.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server; yield once /readyz answers 200; end it by its PID, whatever happens."""
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if process.poll() is not None:
+                    raise BenchError(f"server exited with {process.returncode}: {tail(log_path)}")
+                try:
+                    with urllib.request.urlopen(base_url + "/readyz", timeout=1) as response:
+                        if response.status == 200:
+                            break
+                except (OSError, urllib.error.URLError):
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    raise BenchError(f"server not ready after {timeout_s}s: {tail(log_path)}")
+                time.sleep(0.05)  # polling interval, not a wait for readiness
+            yield process
+        finally:
+            process.terminate()  # SIGTERM: uvicorn's graceful shutdown, workers included
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    text = path.read_text(errors="replace").strip().splitlines()
+    return " | ".join(text[-lines:]) or "(no output)"
+
+
+def coupon_server_command(
+    workdir: Path, store: str, workers: int, port: int, dsn: str, token: str
+) -> list[str]:
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+        "store": {"type": store},
+        "auth": {"admin_token": token},
+    }
+    if store == "postgres":
+        config["database"] = {"dsn": dsn}
+    path = workdir / f"config-{store}-{workers}.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return [sys.executable, "-m", "coupon.server", "--config", str(path)]
+
+
+def run_wrk(url: str, campaign_id: str, connections: int, duration_s: int) -> dict[str, Any]:
+    threads = max(1, min(os.cpu_count() or 1, connections))
+    command = [
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
+        "-s", str(LUA), url + SERVICE + "/IssueCoupon", "--", campaign_id,
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=duration_s + 60, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"wrk did not stop within {duration_s + 60}s") from e
+    match = re.search(r"^BENCH_JSON (\{.*\})$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or match is None:
+        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout}")
+    return dict(json.loads(match.group(1)))
+
+
+def measure_http(
+    base_url: str,
+    row: Row,
+    connections: int,
+    args: argparse.Namespace,
+    campaign: str,  # "large", "soldout" or "echo"
+) -> None:
+    for run in range(args.runs):
+        campaign_id = "echo-campaign"
+        if campaign != "echo":
+            total = LARGE_CAMPAIGN if campaign == "large" else 1
+            status, body = rpc(
+                base_url, "CreateCampaign", {"name": "bench", "total": total}, args.token
+            )
+            if status != 200:
+                raise BenchError(f"CreateCampaign answered HTTP {status}: {body}")
+            campaign_id = body["campaignId"]
+            if campaign == "soldout":
+                status, body = rpc(base_url, "IssueCoupon", {"campaignId": campaign_id}, "")
+                if status != 200:
+                    raise BenchError(f"the one coupon was not issued: HTTP {status} {body}")
+        result = run_wrk(base_url, campaign_id, connections, args.duration)
+        seconds = result["duration_us"] / 1e6
+        socket_errors = sum(result[k] for k in ("connect", "read", "write", "timeout"))
+        if campaign == "soldout":
+            # Every answer should be a 429; count them all, and flag anything issued.
+            good = result["requests"]
+        else:
+            good = result["requests"] - result["non2xx"]
+        note = ""
+        if socket_errors:
+            note = f"{socket_errors} socket errors"
+        if campaign != "echo":
+            _, page = rpc(
+                base_url, "GetCampaign", {"campaignId": campaign_id, "pageSize": 1}, args.token
+            )
+            issued = int(page.get("issuedCount", -1))
+            expected_max = 1 if campaign == "soldout" else LARGE_CAMPAIGN
+            if campaign == "large" and issued < good:
+                note += f" server counts {issued} issued < {good} acknowledged!"
+            if issued > expected_max:
+                note += f" OVERSOLD: {issued} issued!"
+            if campaign == "soldout" and result["non2xx"] != result["requests"]:
+                note += f" {result['requests'] - result['non2xx']} non-429 answers!"
+        sample = Sample(good / seconds, result["p50_us"] / 1000, result["p99_us"] / 1000, note)
+        row.samples.append(sample)
+        log(
+            f"  {row.label} run {run + 1}/{args.runs}: {sample.rate:,.0f}/s "
+            f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms {note}"
+        )
+
+
+def warm_up(base_url: str, args: argparse.Namespace, needs_campaign: bool) -> None:
+    """A short unmeasured wrk pass so the first measured run does not pay for start-up."""
+    if args.warmup <= 0:
+        return
+    campaign_id = "echo-campaign"
+    if needs_campaign:
+        _, body = rpc(
+            base_url, "CreateCampaign", {"name": "warm-up", "total": LARGE_CAMPAIGN}, args.token
+        )
+        campaign_id = body.get("campaignId", "")
+    run_wrk(base_url, campaign_id, 64, args.warmup)
+
+
+@dataclass
+class Postgres:
+    dsn: str
+    version: str
+    stop: Any = None  # callable that ends a pgserver this run started
+
+
+def provision_postgres(args: argparse.Namespace, workdir: Path) -> Postgres:
+    dsn = args.dsn
+    stop = None
+    if not dsn:
+        try:
+            import pgserver
+        except ImportError as e:
+            raise BenchError("no --dsn and the pgserver package is not installed") from e
+        try:
+            get_server = pgserver.get_server  # type: ignore[attr-defined]
+            server = get_server(workdir / "pgdata", cleanup_mode="stop")
+        except Exception as e:
+            raise BenchError(f"no --dsn and pgserver could not start: {e}") from e
+        dsn, stop = server.get_uri(), server.cleanup
+    try:
+        import psycopg
+
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            version = str(row[0]) if row else "?"
+    except Exception as e:
+        if stop is not None:
+            stop()
+        raise BenchError(f"cannot connect to PostgreSQL: {type(e).__name__}") from e
+    return Postgres(dsn, version, stop)
+
+
+def postgres_store_problem(dsn: str) -> str:
+    """Why this build cannot serve store.type postgres, or "" when it can."""
+    from coupon.app import build_store
+    from coupon.config import Config, DatabaseConfig, StoreConfig
+
+    try:
+        build_store(Config(store=StoreConfig(type="postgres"), database=DatabaseConfig(dsn=dsn)))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def run_pgbench(pg: Postgres, row: Row, args: argparse.Namespace, workdir: Path) -> None:
+    import psycopg
+
+    script = workdir / "issue.sql"
+    script.write_text(PGBENCH_SQL)
+    for run in range(args.runs):
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            conn.execute(PGBENCH_SCHEMA)
+        logs = workdir / f"pgbench-{run}"
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir()
+        command = [
+            "pgbench", "-n", "-c", str(PGBENCH_CLIENTS), "-j", str(os.cpu_count() or 1),
+            "-T", str(args.duration), "-f", str(script), "-l", "--log-prefix", str(logs / "tx"),
+            pg.dsn,
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=args.duration + 60, check=False
+            )
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"pgbench did not stop within {args.duration + 60}s") from e
+        match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
+        if done.returncode != 0 or match is None:
+            raise BenchError(f"pgbench failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+        # Per-transaction log: client, tx number, latency in µs, ...
+        latencies = sorted(
+            int(line.split()[2])
+            for path in logs.iterdir()
+            for line in path.read_text().splitlines()
+            if line.strip()
+        )
+        p50 = latencies[len(latencies) // 2] / 1000 if latencies else 0.0
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000
+        sample = Sample(float(match.group(1)), p50, p99 if latencies else 0.0)
+        row.samples.append(sample)
+        log(f"  {row.label} run {run + 1}/{args.runs}: {sample.rate:,.0f} tps p50={p50:.1f}ms")
+
+
+def machine() -> dict[str, str]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = "?"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        memory = f"{kib / 1024 / 1024:.1f} GiB"
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False, timeout=10)
+    return {
+        "nproc": str(os.cpu_count()),
+        "CPU": cpu,
+        "memory": memory,
+        "OS": platform.platform(),
+        "Python": platform.python_version(),
+        "uvicorn": version("uvicorn"),
+        "connectrpc": version("connectrpc"),
+        "protobuf-py": version("protobuf-py"),
+        "wrk": (wrk.stdout + wrk.stderr).split("[")[0].strip() or "?",
+    }
+
+
+def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
+    """Every row to measure, with what it needs: store, workers, connections, campaign."""
+    rows: list[tuple[Row, dict[str, Any]]] = []
+
+    def add(key: str, label: str, metric: str, baseline: str | None, **how: Any) -> None:
+        rows.append((Row(key, label, metric, baseline), how))
+
+    for c in CONNECTIONS:
+        if "echo" in only:
+            add(f"echo@{c}", f"echo baseline, c={c}", "echoes/s", None, kind="echo", conns=c)
+    for c in CONNECTIONS:
+        if "memory" in only:
+            add(f"memory@{c}", f"memory, 1 worker, c={c}", "issued/s", f"echo@{c}",
+                kind="coupon", store="memory", workers=1, conns=c, campaign="large")  # fmt: skip
+    for workers in (1, 2):
+        for c in CONNECTIONS:
+            if "postgres" in only:
+                add(f"pg{workers}@{c}", f"postgres, {workers} worker(s), c={c}", "issued/s",
+                    "pgbench", kind="coupon", store="postgres", workers=workers, conns=c,
+                    campaign="large")  # fmt: skip
+    for c in CONNECTIONS:
+        if "soldout" in only:
+            add(f"soldout-memory@{c}", f"sold-out storm, memory, c={c}", "sold-out answers/s",
+                f"echo@{c}", kind="coupon", store="memory", workers=1, conns=c,
+                campaign="soldout")  # fmt: skip
+    if "soldout" in only:
+        add("soldout-pg1@256", "sold-out storm, postgres, 1 worker, c=256",
+            "sold-out answers/s", "pgbench", kind="coupon", store="postgres", workers=1,
+            conns=256, campaign="soldout")  # fmt: skip
+    if "pgbench" in only:
+        add("pgbench", f"pgbench baseline, {PGBENCH_CLIENTS} clients", "tx/s", None,
+            kind="pgbench")  # fmt: skip
+    return rows
+
+
+def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[str, str]]:
+    only = set(args.only)
+    info = machine()
+    pg: Postgres | None = None
+    pg_problem = ""
+    if only & {"postgres", "soldout", "pgbench"}:
+        try:
+            pg = provision_postgres(args, workdir)
+            info["PostgreSQL"] = pg.version
+        except BenchError as e:
+            pg_problem = str(e)
+            info["PostgreSQL"] = f"not available ({e})"
+    store_problem = pg_problem or (postgres_store_problem(pg.dsn) if pg else "no PostgreSQL")
+    planned = plan_rows(only, pg is not None)
+    try:
+        # One server per (kind, store, workers); all its rows run before it is stopped.
+        groups: dict[tuple[Any, ...], list[tuple[Row, dict[str, Any]]]] = {}
+        for row, how in planned:
+            group = (how["kind"], how.get("store"), how.get("workers"))
+            groups.setdefault(group, []).append((row, how))
+        for (kind, store, workers), members in groups.items():
+            if kind == "pgbench":
+                row = members[0][0]
+                if pg is None:
+                    row.not_measured = pg_problem
+                    continue
+                log(f"{row.label}:")
+                try:
+                    run_pgbench(pg, row, args, workdir)
+                except BenchError as e:
+                    row.not_measured = str(e)
+                continue
+            if store == "postgres" and store_problem:
+                for row, _ in members:
+                    row.not_measured = f"Postgres store not available: {store_problem}"
+                continue
+            port = free_port()
+            base_url = f"http://127.0.0.1:{port}"
+            if kind == "echo":
+                command = [sys.executable, str(ECHO), "--port", str(port)]
+            else:
+                dsn = pg.dsn if pg else ""
+                command = coupon_server_command(workdir, store, workers, port, dsn, args.token)
+            name = "echo" if kind == "echo" else f"{store}-{workers}w"
+            log(f"starting {name}: {shlex.join(command)}")
+            try:
+                with server_process(command, base_url, workdir / f"{name}.log"):
+                    warm_up(base_url, args, needs_campaign=kind != "echo")
+                    for row, how in members:
+                        log(f"{row.label}:")
+                        try:
+                            measure_http(base_url, row, how["conns"], args, how.get(
+                                "campaign", "echo"))  # fmt: skip
+                        except BenchError as e:
+                            row.not_measured = str(e)
+            except BenchError as e:
+                for row, _ in members:
+                    row.not_measured = row.not_measured or f"server did not start: {e}"
+    finally:
+        if pg is not None and pg.stop is not None:
+            pg.stop()
+    return [row for row, _ in planned], info
+
+
+def ratio(row: Row, rows: dict[str, Row]) -> str:
+    base = rows.get(row.baseline_key or "")
+    if not row.samples or base is None or not base.samples:
+        return "—"
+    return f"{row.median('rate') / base.median('rate'):.2f}x {base.label.split(',')[0]}"
+
+
+def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, argv: list[str]) -> str:
+    by_key = {row.key: row for row in rows}
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `scripts/bench.py`; do not edit by hand, run it again.",
+        "",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        *(f"- {key}: {value}" for key, value in info.items()),
+        "",
+        "## Commands",
+        "",
+        "```sh",
+        "python " + shlex.join(["scripts/bench.py", *argv]),
+        "# each HTTP row, per run (fresh campaign each run; -t = min(nproc, connections)):",
+        f"wrk -t{os.cpu_count()} -c<64|256> -d{args.duration}s --timeout 10s "
+        "-s scripts/wrk/issue.lua http://127.0.0.1:<port>/coupon.CouponService/IssueCoupon "
+        "-- <campaign-id>",
+        "# servers: python -m coupon.server --config <tmp yaml>  |  "
+        "python scripts/echo_server.py --port <port>",
+        f"pgbench -n -c {PGBENCH_CLIENTS} -j {os.cpu_count()} -T {args.duration} "
+        "-f issue.sql -l <dsn>",
+        "```",
+        "",
+        "pgbench's `issue.sql` (one conditional increment + insert per transaction):",
+        "",
+        "```sql",
+        PGBENCH_SQL.rstrip(),
+        "```",
+        "",
+        f"## Results (median of {args.runs} run(s) of {args.duration} s)",
+        "",
+        "wrk and the servers share this machine's CPUs, so absolute figures are low-biased; the "
+        "ratios to the baselines measured in the same run are what to compare across machines.",
+        "",
+        "| configuration | metric | median | p50 ms | p99 ms | runs | vs baseline |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    not_measured = []
+    for row in rows:
+        if not row.samples:
+            not_measured.append(f"- {row.label}: not measured: {row.not_measured or 'no runs'}")
+            lines.append(f"| {row.label} | {row.metric} | not measured | | | | |")
+            continue
+        runs = ", ".join(f"{s.rate:,.0f}" for s in row.samples)
+        notes = "; ".join(s.note.strip() for s in row.samples if s.note.strip())
+        lines.append(
+            f"| {row.label} | {row.metric} | {row.median('rate'):,.0f} | "
+            f"{row.median('p50_ms'):.1f} | {row.median('p99_ms'):.1f} | {runs} | "
+            f"{ratio(row, by_key)}{' ⚠ ' + notes if notes else ''} |"
+        )
+    if not_measured:
+        lines += ["", "### Not measured", "", *not_measured]
+    lines += [
+        "",
+        "Baselines: memory and sold-out rows against the echo server at the same connection "
+        "count; Postgres rows against pgbench's transactions/s on the same PostgreSQL.",
+        "",
+        "![throughput per configuration](benchmarks.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def chart(rows: list[Row], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "chart skipped: matplotlib not installed (pip install -e '.[bench]')"
+    measured = [row for row in rows if row.samples]
+    figure, axes = plt.subplots(figsize=(9, 0.5 * len(measured) + 1.5))
+    labels = [row.label for row in measured]
+    values = [row.median("rate") for row in measured]
+    axes.barh(labels, values, color=["#888" if row.baseline_key is None else "#36c" for row in
+                                     measured])  # fmt: skip
+    axes.invert_yaxis()
+    axes.set_xlabel("per second (median; grey = baseline)")
+    for y, value in enumerate(values):
+        axes.text(value, y, f" {value:,.0f}", va="center")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return f"chart written to {path}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--only",
+        default=",".join(CONFIG_NAMES),
+        help=f"comma-separated subset of: {', '.join(CONFIG_NAMES)}",
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk/pgbench run")
+    parser.add_argument("--runs", type=int, default=3, help="runs per row; the median is kept")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured seconds per server")
+    parser.add_argument("--dsn", default="", help="PostgreSQL to use (default: a pgserver)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("COUPON_ADMIN_TOKEN", ""),
+        help="admin token the started servers require (default: $COUPON_ADMIN_TOKEN)",
+    )
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--chart", type=Path, default=ROOT / "docs" / "benchmarks.png")
+    args = parser.parse_args(argv)
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(args.only) - set(CONFIG_NAMES)
+    if unknown:
+        parser.error(f"--only: unknown configuration(s) {', '.join(sorted(unknown))}")
+    if args.duration < 1 or args.runs < 1:
+        parser.error("--duration and --runs must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench: wrk not found on PATH; install it: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="coupon-bench-") as tmp:
+        rows, info = run_all(args, Path(tmp))
+    report = render(rows, info, args, argv)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    print(report)
+    print(chart(rows, args.chart), file=sys.stderr)
+    print(f"report written to {args.output}", file=sys.stderr)
+    return 0 if any(row.samples for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+-- wrk script for scripts/bench.py: POST IssueCoupon (Connect JSON) for one campaign.
+-- Usage: wrk -t2 -c64 -d10s -s scripts/wrk/issue.lua \
+--          http://127.0.0.1:8080/coupon.CouponService/IssueCoupon -- <campaign-id>
+-- At the end it prints one line "BENCH_JSON {...}" that bench.py parses (latency in µs).
+
+function init(args)
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+  wrk.body = '{"campaignId":"' .. (args[1] or "") .. '"}'
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests":%d,"duration_us":%d,"non2xx":%d,"connect":%d,"read":%d,' ..
+    '"write":%d,"timeout":%d,"p50_us":%d,"p99_us":%d,"max_us":%d}\n',
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end

@@ -1,0 +1,189 @@
+"""Smoke tests for the load and concurrency tools (scripts/): each runs briefly on loopback.
+
+The tools run as subprocesses, as a user would run them, against a server in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from coupon.app import create_app
+from coupon.config import Config
+from coupon.store.memory import MemoryStore
+from tests.support import ServerThread
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from starlette.types import Receive, Scope, Send
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+
+
+@pytest.fixture
+def real_server() -> Iterator[str]:
+    with ServerThread(create_app(Config(), MemoryStore())) as server:
+        yield server.base_url
+
+
+class OversellingServer:
+    """A broken server under test: it never sells out and lists every code it handed out."""
+
+    def __init__(self) -> None:
+        self.codes: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        method = scope["path"].rsplit("/", 1)[-1]
+        answer: dict[str, Any]
+        if method == "CreateCampaign":
+            answer = {"campaignId": str(uuid.uuid4())}
+        elif method == "IssueCoupon":
+            self.codes.append(f"{len(self.codes):010d}")
+            answer = {"code": self.codes[-1], "issuedAt": "2026-11-21T09:00:00Z"}
+        elif method == "GetCampaign":
+            answer = {"total": 20, "issuedCodes": self.codes, "issuedCount": len(self.codes)}
+        else:  # /healthz
+            answer = {}
+        payload = json.dumps(answer).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+@pytest.fixture
+def overselling_server() -> Iterator[str]:
+    with ServerThread(OversellingServer()) as server:
+        yield server.base_url
+
+
+def run_tool(command: list[str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+
+
+def concurrency_check(url: str) -> subprocess.CompletedProcess[str]:
+    return run_tool(
+        [
+            sys.executable,
+            str(SCRIPTS / "concurrency_check.py"),
+            "--url",
+            url,
+            "--requests",
+            "300",
+            "--total",
+            "20",
+            "--start-in-s",
+            "1",
+            "--concurrency",
+            "50",
+        ]
+    )
+
+
+def test_concurrency_check_passes_against_the_server(real_server: str) -> None:
+    done = concurrency_check(real_server)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Issued: 20 codes, SoldOut: 280, Errors: 0" in done.stdout
+    assert "OK: exactly 20 distinct codes" in done.stdout
+
+
+def test_concurrency_check_fails_against_an_overselling_server(overselling_server: str) -> None:
+    done = concurrency_check(overselling_server)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Issued: 300 codes, SoldOut: 0, Errors: 0" in done.stdout
+    assert "FAIL:" in done.stdout
+    assert "received 300 codes, expected exactly 20" in done.stdout
+
+
+def locust(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_tool(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(SCRIPTS / "locustfile.py"),
+            "--headless",
+            "-H",
+            url,
+            "-u",
+            "10",
+            "-r",
+            "10",
+            "-t",
+            "3s",
+            "--only-summary",
+            "--campaign-total",
+            "50",
+            *extra,
+        ]
+    )
+
+
+def test_locust_headless_passes_its_audit(real_server: str) -> None:
+    done = locust(real_server)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "VERDICT: PASS" in output
+    assert "IssueCoupon [sold out]" in output  # counted by name, not as a failure
+
+
+def test_locust_headless_fails_its_audit_on_overselling(overselling_server: str) -> None:
+    done = locust(overselling_server)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "VERDICT: FAIL" in output
+
+
+def test_bench_runs_the_echo_rows(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed; bench.py needs it: apt-get install -y wrk")
+    report = tmp_path / "bench.md"
+    done = run_tool(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench.py"),
+            "--only",
+            "echo",
+            "--duration",
+            "1",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--output",
+            str(report),
+            "--chart",
+            str(tmp_path / "bench.png"),
+        ]
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = report.read_text()
+    assert "| echo baseline, c=64 | echoes/s |" in text
+    assert "not measured" not in text
