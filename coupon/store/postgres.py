@@ -91,6 +91,7 @@ class PostgresStore:
             name="coupon",
         )
         self._migrated = False
+        self._migration_lock = asyncio.Lock()
         self._prepare_task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -108,9 +109,8 @@ class PostgresStore:
         await self._pool.close()
 
     async def is_ready(self) -> bool:
-        if not self._migrated:
-            return False
         try:
+            await self._ensure_migrated(wait_s=READY_CHECK_TIMEOUT_S)
             async with self._connection(wait_s=READY_CHECK_TIMEOUT_S) as conn:
                 await conn.execute(self._q("ping"))
         except StoreUnavailable:
@@ -119,19 +119,31 @@ class PostgresStore:
 
     async def _prepare(self) -> None:
         delay = self._retry_initial_s
-        while True:
+        while not self._migrated:
             try:
-                async with self._pool.connection() as conn:
-                    await apply_migrations(conn)
-            except psycopg.Error as e:
+                await self._ensure_migrated()
+            except (StoreUnavailable, psycopg.Error) as e:
                 # The class name only: the driver's message may carry host, user or SQL.
-                log.warning("postgres unreachable (%s); retrying in %gs", type(e).__name__, delay)
-            else:
-                self._migrated = True
-                log.info("postgres store ready: schema up to date")
+                log.warning("postgres not usable (%s); retrying in %gs", type(e).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+
+    async def _ensure_migrated(self, wait_s: float | None = None) -> None:
+        """Apply pending migrations unless this process already has.
+
+        Called by the background retry loop and, while it is still backing off, by the first
+        calls and readiness checks: each worker process has its own flag, and one that has not
+        yet seen the database must not refuse calls its siblings already serve.
+        """
+        if self._migrated:
+            return
+        async with self._migration_lock:
+            if self._migrated:
                 return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._retry_max_s)
+            async with self._connection(wait_s=wait_s) as conn:
+                await apply_migrations(conn)
+            self._migrated = True
+            log.info("postgres store ready: schema up to date")
 
     @contextlib.asynccontextmanager
     async def _connection(self, wait_s: float | None = None) -> AsyncIterator[AsyncConnection[Any]]:
@@ -142,13 +154,8 @@ class PostgresStore:
     def _q(self, name: str) -> str:
         return self._sql[name]
 
-    def _check_migrated(self) -> None:
-        # Before the schema is known to be in place, queries could only fail obscurely.
-        if not self._migrated:
-            raise StoreUnavailable()
-
     async def create_campaign(self, campaign: NewCampaign) -> Campaign:
-        self._check_migrated()
+        await self._ensure_migrated()
         async with self._connection() as conn:
             cursor = await conn.execute(
                 self._q("create_campaign"),
@@ -178,7 +185,7 @@ class PostgresStore:
         again when the increment finds the campaign full (a concurrent call of the same user
         may have just committed).
         """
-        self._check_migrated()
+        await self._ensure_migrated()
         cid = uuid.UUID(campaign_id)
         try:
             async with self._connection() as conn, conn.transaction():
@@ -257,7 +264,7 @@ class PostgresStore:
         raise RuntimeError(f"no unique code after {MAX_CODE_ATTEMPTS} attempts")
 
     async def get_campaign(self, campaign_id: str, after_seq: int, limit: int) -> CampaignPage:
-        self._check_migrated()
+        await self._ensure_migrated()
         async with self._connection() as conn:
             cursor = await conn.execute(
                 self._q("campaign_page"),
