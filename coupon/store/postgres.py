@@ -122,11 +122,17 @@ class PostgresStore:
         while not self._migrated:
             try:
                 await self._ensure_migrated()
-            except (StoreUnavailable, psycopg.Error) as e:
+            except StoreUnavailable:
+                log.warning("postgres unreachable; retrying in %gs", delay)
+            except psycopg.Error as e:
                 # The class name only: the driver's message may carry host, user or SQL.
-                log.warning("postgres not usable (%s); retrying in %gs", type(e).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry_max_s)
+                log.error(
+                    "postgres migration failed (%s); retrying in %gs", type(e).__name__, delay
+                )
+            else:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max_s)
 
     async def _ensure_migrated(self, wait_s: float | None = None) -> None:
         """Apply pending migrations unless this process already has.
