@@ -43,6 +43,8 @@ class DatabaseConfig:
     pool_min_size: int = 2
     pool_max_size: int = 10
     connect_timeout_s: int = 5
+    max_group_size: int = 256  # IssueCoupon calls of one campaign per transaction, at most
+    start_margin_s: float = 2.0  # refuse "not started" without a query only this far ahead
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,22 +123,40 @@ def _build_section(
 
 
 def _convert(where: str, value: Any, type_name: Any) -> Any:
-    if type_name == "int":
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be a whole number")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be a whole number, got {value!r}") from None
-    if type_name == "bool":
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off", ""):
-            return False
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    converter = {"int": _to_int, "float": _to_float, "bool": _to_bool}.get(type_name, _to_str)
+    return converter(where, value)
+
+
+def _to_int(where: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a whole number")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a whole number, got {value!r}") from None
+
+
+def _to_float(where: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number, got {value!r}") from None
+
+
+def _to_bool(where: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{where} must be true or false, got {value!r}")
+
+
+def _to_str(where: str, value: Any) -> str:
     if value is None:
         return ""
     if not isinstance(value, (str, int, float)):

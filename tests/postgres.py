@@ -26,6 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from coupon.clock import Clock, system_clock
 from coupon.config import DatabaseConfig
 from coupon.store.migrations import apply_migrations
 from coupon.store.postgres import PostgresStore
@@ -132,9 +133,11 @@ async def wait_ready(store: PostgresStore, timeout_s: float = 15.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_postgres_store(dsn: str, **config: Any) -> AsyncIterator[PostgresStore]:
+async def open_postgres_store(
+    dsn: str, clock: Clock = system_clock, **config: Any
+) -> AsyncIterator[PostgresStore]:
     """An open PostgresStore on `dsn`, ready to serve; closed on exit."""
-    store = PostgresStore(DatabaseConfig(dsn=dsn, **config), retry_initial_s=0.05)
+    store = PostgresStore(DatabaseConfig(dsn=dsn, **config), retry_initial_s=0.05, clock=clock)
     await store.open()
     try:
         await wait_ready(store)

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 
-import coupon.store.postgres as pg_module
+import coupon.store.pg_issuance as pg_issuance
 from coupon.campaigns import NewCampaign
+from coupon.clock import ManualClock
 from coupon.config import DatabaseConfig
 from coupon.errors import CampaignNotStarted, SoldOut, StoreUnavailable
 from coupon.store.migrations import apply_migrations
@@ -53,14 +54,17 @@ async def audit(dsn: str) -> list[tuple[object, ...]]:
     )
 
 
-async def test_start_instant_is_decided_by_the_database_clock(pg: PostgresStore, pg_dsn: str):
+async def test_start_instant_is_decided_by_the_database_clock(pg_dsn: str):
     (db_now,) = (await sql(pg_dsn, "SELECT now()"))[0]
-    created = await pg.create_campaign(campaign(5, start_time=db_now + timedelta(hours=1)))  # type: ignore[operator]
+    # This host's clock runs a day ahead: it must not open the campaign early.
+    clock = ManualClock(db_now + timedelta(days=1))  # type: ignore[operator]
+    async with open_postgres_store(pg_dsn, clock=clock) as pg:
+        created = await pg.create_campaign(campaign(5, start_time=db_now + timedelta(hours=1)))  # type: ignore[operator]
 
-    with pytest.raises(CampaignNotStarted):
-        await pg.issue_coupon(created.id, None)
-    await sql(pg_dsn, "UPDATE campaigns SET start_time = now() WHERE id = %s", created.id)
-    issued = await pg.issue_coupon(created.id, None)
+        with pytest.raises(CampaignNotStarted):
+            await pg.issue_coupon(created.id, None)
+        await sql(pg_dsn, "UPDATE campaigns SET start_time = now() WHERE id = %s", created.id)
+        issued = await pg.issue_coupon(created.id, None)
 
     assert issued.code
     assert (await sql(pg_dsn, "SELECT issued FROM campaigns"))[0] == (1,)
@@ -111,7 +115,7 @@ async def test_code_collision_is_retried_with_a_fresh_code(
     taken = (await pg.issue_coupon(first.id, None)).code
     fresh = "가나다라마바사아자0"
     draws = iter([taken, taken, fresh])
-    monkeypatch.setattr(pg_module, "new_code", lambda: next(draws))
+    monkeypatch.setattr(pg_issuance, "new_code", lambda: next(draws))
 
     issued = await pg.issue_coupon(second.id, None)
 

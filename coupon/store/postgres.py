@@ -1,9 +1,9 @@
 """The PostgreSQL store: exact issuance across processes and hosts sharing one database.
 
-One transaction per issued code: a conditional increment of the campaign's `issued` (which
-takes the campaign row lock until COMMIT, and lets the database clock decide the start
-instant), then the insert of the code with seq = the new `issued`. The reply is built only
-after COMMIT, so an acknowledged code is always stored.
+IssueCoupon calls of one campaign that arrive together are written in one transaction
+(coupon.store.grouping, coupon.store.pg_issuance): one conditional increment of `issued` by as
+many as can still be granted, one multi-row insert, one commit. Replies are built only after
+COMMIT, so an acknowledged code is always stored.
 """
 
 from __future__ import annotations
@@ -12,21 +12,30 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 import psycopg.errors
 from psycopg_pool import AsyncConnectionPool
 
+from coupon import metrics
 from coupon.campaigns import Campaign, CampaignPage, IssuedCoupon
-from coupon.codes import new_code
-from coupon.errors import CampaignNotFound, CampaignNotStarted, SoldOut, StoreUnavailable
+from coupon.clock import Clock, system_clock
+from coupon.errors import (
+    CampaignNotFound,
+    CampaignNotStarted,
+    CouponError,
+    SoldOut,
+    StoreUnavailable,
+)
+from coupon.store.grouping import GroupRunner
 from coupon.store.migrations import apply_migrations
+from coupon.store.pg_issuance import CampaignFacts, issue_group
 from coupon.store.queries import queries
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
-    from datetime import datetime
+    from collections.abc import AsyncIterator, Iterator, Sequence
 
     from psycopg import AsyncConnection
 
@@ -35,8 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coupon.store.postgres")
 
-# A collision needs two equal 134-bit codes; more than a few in a row means a bug, not bad luck.
-MAX_CODE_ATTEMPTS = 8
 READY_CHECK_TIMEOUT_S = 2.0
 # psycopg_pool retries a failed connection with doubling delays until this many seconds have
 # passed (default 300), then frees the slot, and the next request starts a fresh attempt.
@@ -59,15 +66,27 @@ def wrap_exceptions() -> Iterator[None]:
         raise StoreUnavailable() from None
 
 
-class _UserAlreadyHolds(Exception):
-    """A concurrent call of the same user stored its code first."""
-
-
 class PostgresStore:
     def __init__(
-        self, config: DatabaseConfig, *, retry_initial_s: float = 0.5, retry_max_s: float = 5.0
+        self,
+        config: DatabaseConfig,
+        *,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 5.0,
+        clock: Clock = system_clock,
     ) -> None:
         self.config = config
+        self._clock = clock
+        # Clocks of app hosts and the database may differ a little: only refuse "not started"
+        # locally when the start is further away than any sane skew.
+        self._start_margin = timedelta(seconds=config.start_margin_s)
+        self._facts: dict[uuid.UUID, CampaignFacts] = {}
+        self._sold_out: set[uuid.UUID] = set()
+        self._groups: GroupRunner[uuid.UUID, str | None, IssuedCoupon] = GroupRunner(
+            self._issue_group,
+            max_group_size=config.max_group_size,
+            on_group=metrics.GROUP_SIZE.observe,
+        )
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._sql = queries()
@@ -101,6 +120,8 @@ class PostgresStore:
         self._prepare_task = asyncio.create_task(self._prepare(), name="coupon-pg-migrations")
 
     async def close(self) -> None:
+        # Calls already queued or in a transaction get their answers before the pool goes.
+        await self._groups.drain()
         if self._prepare_task is not None:
             self._prepare_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,6 +195,7 @@ class PostgresStore:
             )
             row = await cursor.fetchone()
         assert row is not None
+        self._facts[uuid.UUID(campaign.id)] = CampaignFacts(total=campaign.total, start_time=row[0])
         return Campaign(
             id=campaign.id,
             name=campaign.name,
@@ -183,91 +205,33 @@ class PostgresStore:
         )
 
     async def issue_coupon(self, campaign_id: str, user_id: str | None) -> IssuedCoupon:
-        """Issue one code in one transaction; see the module docstring.
+        """Issue one code, grouped with the campaign's other calls arriving meanwhile.
 
-        Check order (same as the memory store): not found, not started, the user's earlier
-        code, sold out. A user who holds a code gets it back even when the campaign is sold
-        out, because the earlier code is looked up before the increment is attempted and
-        again when the increment finds the campaign full (a concurrent call of the same user
-        may have just committed).
+        Answers without a query when the answer is certain: a campaign this process saw sold
+        out stays sold out (for calls without a user, who cannot hold an earlier code), and a
+        start instant more than `start_margin_s` away by this host's clock has not come yet.
+        Near the boundary the database clock decides.
         """
-        await self._ensure_migrated()
         cid = uuid.UUID(campaign_id)
-        try:
-            async with self._connection() as conn, conn.transaction():
-                if user_id is not None:
-                    held = await self._probe(conn, cid, user_id)
-                    if held is not None:
-                        return held
-                cursor = await conn.execute(self._q("take_one"), {"campaign_id": cid})
-                taken = await cursor.fetchone()
-                if taken is None:
-                    held = await self._probe(conn, cid, user_id)
-                    if held is not None:
-                        return held
-                    raise SoldOut()
-                seq, now = taken
-                code = await self._insert_coupon(conn, cid, seq, user_id, now)
-                # Leaving the block commits; only then is the code acknowledged.
-                return IssuedCoupon(code=code, issued_at=now)
-        except _UserAlreadyHolds:
-            # The transaction was rolled back, so this call consumed nothing.
-            async with self._connection() as conn:
-                held = await self._probe(conn, cid, user_id)
-            if held is None:  # pragma: no cover - the unique index said it exists
-                raise StoreUnavailable() from None
-            return held
+        if user_id is None and cid in self._sold_out:
+            raise SoldOut()
+        facts = self._facts.get(cid)
+        if facts is not None and self._clock() < facts.start_time - self._start_margin:
+            raise CampaignNotStarted(facts.start_time)
+        await self._ensure_migrated()
+        return await self._groups.submit(cid, user_id)
 
-    async def _probe(
-        self, conn: AsyncConnection[Any], cid: uuid.UUID, user_id: str | None
-    ) -> IssuedCoupon | None:
-        """Raise why the campaign cannot issue, or return the user's earlier code.
-
-        None means the campaign exists, has started and holds no code of this user.
-        """
-        cursor = await conn.execute(
-            self._q("probe_campaign"), {"campaign_id": cid, "user_id": user_id}
-        )
-        row = await cursor.fetchone()
-        if row is None:
-            raise CampaignNotFound()
-        start_time, started, code, issued_at = row
-        if not started:
-            raise CampaignNotStarted(start_time)
-        if code is not None:
-            return IssuedCoupon(code=code, issued_at=issued_at)
-        return None
-
-    async def _insert_coupon(
-        self,
-        conn: AsyncConnection[Any],
-        cid: uuid.UUID,
-        seq: int,
-        user_id: str | None,
-        issued_at: datetime,
-    ) -> str:
-        """Store a fresh code at position `seq` and return it."""
-        for _ in range(MAX_CODE_ATTEMPTS):
-            code = new_code()
-            try:
-                cursor = await conn.execute(
-                    self._q("insert_coupon"),
-                    {
-                        "code": code,
-                        "campaign_id": cid,
-                        "seq": seq,
-                        "user_id": user_id,
-                        "issued_at": issued_at,
-                    },
-                )
-            except psycopg.errors.UniqueViolation as e:
-                if e.diag.constraint_name == "coupons_campaign_user_key":
-                    raise _UserAlreadyHolds() from None
-                raise
-            if await cursor.fetchone() is not None:
-                return code
-            # ON CONFLICT (code) DO NOTHING: a collision; the transaction is still good.
-        raise RuntimeError(f"no unique code after {MAX_CODE_ATTEMPTS} attempts")
+    async def _issue_group(
+        self, cid: uuid.UUID, user_ids: Sequence[str | None]
+    ) -> list[IssuedCoupon | CouponError]:
+        with wrap_exceptions():
+            async with self._pool.connection() as conn:
+                outcome = await issue_group(conn, self._sql, cid, user_ids)
+        if outcome.facts is not None:
+            self._facts[cid] = outcome.facts
+        if outcome.sold_out:
+            self._sold_out.add(cid)
+        return outcome.results
 
     async def get_campaign(self, campaign_id: str, after_seq: int, limit: int) -> CampaignPage:
         await self._ensure_migrated()

@@ -27,29 +27,50 @@ INSERT INTO campaigns (id, name, total, start_time)
 VALUES (%(id)s, %(name)s, %(total)s, COALESCE(%(start_time)s::timestamptz, now()))
 RETURNING start_time;
 
--- name: take_one
--- The only way `issued` moves. The row lock it takes is held until COMMIT, which makes
--- seq order equal commit order. The database clock decides the start instant.
-UPDATE campaigns
-SET issued = issued + 1
-WHERE id = %(campaign_id)s AND issued < total AND start_time <= now()
-RETURNING issued, now();
+-- name: take_many
+-- The only way `issued` grows: by as many as the group wants and the campaign still has,
+-- never past `total`, never before the start instant by the DATABASE clock. FOR UPDATE takes
+-- the campaign row lock until COMMIT (so positions follow commit order) and reads the latest
+-- committed `issued`, which becomes `before`: this group's codes take positions
+-- before+1 .. after.
+WITH locked AS (
+    SELECT id, issued AS before
+    FROM campaigns
+    WHERE id = %(campaign_id)s AND issued < total AND start_time <= now()
+    FOR UPDATE
+)
+UPDATE campaigns c
+SET issued = c.issued + LEAST(%(wanted)s, c.total - c.issued)
+FROM locked
+WHERE c.id = locked.id
+RETURNING locked.before, c.issued, c.total, c.start_time, now();
 
--- name: insert_coupon
--- A clash on the code alone (a collision) inserts nothing and returns no row, so the caller
--- retries with a fresh code without aborting the transaction. A clash on the user raises.
+-- name: give_back
+-- Positions taken for users who turned out to hold a code already; same transaction, so
+-- nobody ever sees them taken.
+UPDATE campaigns SET issued = issued - %(unused)s WHERE id = %(campaign_id)s;
+
+-- name: held_codes
+-- Earlier codes of the group's users. Run while holding the campaign row lock, so no other
+-- transaction can be storing a code for this campaign at the same time.
+SELECT user_id, code, issued_at
+FROM coupons
+WHERE campaign_id = %(campaign_id)s AND user_id = ANY(%(user_ids)s);
+
+-- name: insert_coupons
+-- A code already taken (a collision, across all campaigns) inserts nothing for that row and
+-- does not abort the transaction; the caller retries those positions with fresh codes.
 INSERT INTO coupons (code, campaign_id, seq, user_id, issued_at)
-VALUES (%(code)s, %(campaign_id)s, %(seq)s, %(user_id)s, %(issued_at)s)
+SELECT t.code, %(campaign_id)s, t.seq, t.user_id, %(issued_at)s
+FROM unnest(%(codes)s::text[], %(seqs)s::int[], %(user_ids)s::text[]) AS t(code, seq, user_id)
 ON CONFLICT ON CONSTRAINT coupons_code_key DO NOTHING
 RETURNING seq;
 
--- name: probe_campaign
--- Why a call cannot take a code, in the memory store's order: no row (not found), not
--- started, or the user's earlier code. After a failed increment, none of these means sold out.
-SELECT c.start_time, c.start_time <= now() AS started, cp.code, cp.issued_at
-FROM campaigns c
-LEFT JOIN coupons cp ON cp.campaign_id = c.id AND cp.user_id = %(user_id)s
-WHERE c.id = %(campaign_id)s;
+-- name: campaign_state
+-- Why take_many matched nothing: no row (not found), not started, or sold out.
+SELECT total, start_time, start_time <= now() AS started
+FROM campaigns
+WHERE id = %(campaign_id)s;
 
 -- name: campaign_page
 -- One statement, so the campaign counters and its page come from one snapshot.
