@@ -11,9 +11,10 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from coupon.app import CONFIG_PATH_ENV
 from coupon.config import ConfigError, load_config
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from types import FrameType
 
 log = logging.getLogger("coupon.server")
+
+APP_FACTORY = "coupon.app:app_from_environment"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,22 +71,44 @@ def main(argv: list[str] | None = None) -> int:
     # signal that arrives before uvicorn takes over still stops the process).
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _exit_quietly)
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": config.server.host,
+        "port": config.server.port,
+        "workers": config.server.workers,
+        "access_log": config.server.access_log,
+        "log_config": log_config,
+        "timeout_graceful_shutdown": config.server.shutdown_timeout_s,
+        "server_header": False,
+    }
     try:
-        uvicorn.run(
-            "coupon.app:app_from_environment",
-            factory=True,
-            host=config.server.host,
-            port=config.server.port,
-            workers=config.server.workers,
-            access_log=config.server.access_log,
-            log_config=log_config,
-            timeout_graceful_shutdown=config.server.shutdown_timeout_s,
-            server_header=False,
-        )
+        if config.server.workers > 1:
+            # What uvicorn.run does for several workers, with a supervisor that lets go of the
+            # listening socket when it stops (see _ClosingMultiprocess).
+            uvicorn_config = uvicorn.Config(APP_FACTORY, **options)
+            sock = uvicorn_config.bind_socket()
+            _ClosingMultiprocess(uvicorn_config, sockets=[sock]).run()
+        else:
+            uvicorn.run(APP_FACTORY, **options)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+class _ClosingMultiprocess(Multiprocess):
+    """uvicorn's supervisor, closing its copy of the listening socket before stopping workers.
+
+    Each worker closes its own copy when it starts a graceful stop, but uvicorn's supervisor
+    keeps one open until it exits, so during the workers' shutdown the kernel still completed
+    new connections into the backlog, where they hung until the supervisor exited and were
+    then reset. With every copy closed, new connections are refused at once, as promised.
+    """
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
 
 
 def _exit_quietly(signum: int, frame: FrameType | None) -> None:

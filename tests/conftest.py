@@ -14,7 +14,7 @@ from coupon.clock import ManualClock
 from coupon.config import Config, LimitsConfig
 from coupon.store.memory import MemoryStore
 from coupon.store.postgres import PostgresStore
-from tests.postgres import TestDatabases, open_postgres_store, provision
+from tests.postgres import DedicatedPostgres, TestDatabases, open_postgres_store, provision
 from tests.support import ServerThread, wait_until_healthy
 
 if TYPE_CHECKING:
@@ -80,3 +80,13 @@ async def client(server: str) -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=server, limits=limits, timeout=30) as http:
         yield http
+
+
+@pytest.fixture
+def dedicated_pg() -> Iterator[DedicatedPostgres]:
+    """A PostgreSQL of its own (not started yet) that the test may stop and start."""
+    pg = DedicatedPostgres()
+    try:
+        yield pg
+    finally:
+        pg.close()

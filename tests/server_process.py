@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -16,21 +18,34 @@ from tests.postgres import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
 
 class ServerProcess:
-    def __init__(self, tmp_path: Path, dsn: str, workers: int) -> None:
+    """`dsn=None` runs the memory store; `name` keeps the config and log of a restart apart."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        dsn: str | None,
+        workers: int,
+        *,
+        name: str = "server",
+        shutdown_timeout_s: int | None = None,
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.config_path = tmp_path / "server.yaml"
-        self.log_path = tmp_path / "server.log"
-        config = {
-            "server": {"host": "127.0.0.1", "port": self.port, "workers": workers},
-            "store": {"type": "postgres"},
-            "database": {"dsn": dsn, "connect_timeout_s": 1, "pool_min_size": 1},
+        self.config_path = tmp_path / f"{name}.yaml"
+        self.log_path = tmp_path / f"{name}.log"
+        server: dict[str, object] = {"host": "127.0.0.1", "port": self.port, "workers": workers}
+        if shutdown_timeout_s is not None:
+            server["shutdown_timeout_s"] = shutdown_timeout_s
+        config: dict[str, object] = {
+            "server": server,
+            "store": {"type": "memory" if dsn is None else "postgres"},
             "limits": {"max_total": 1_000_000},
         }
+        if dsn is not None:
+            config["database"] = {"dsn": dsn, "connect_timeout_s": 1, "pool_min_size": 1}
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -56,6 +71,48 @@ class ServerProcess:
             process.kill()
             process.wait(timeout=10)
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's child processes (uvicorn workers, and multiprocessing's helper)."""
+        return children_of(self.pid)
+
+    def kill_all(self) -> list[int]:
+        """SIGKILL the supervisor and every child of it, by PID; wait until all are gone."""
+        process = self._process
+        assert process is not None
+        children = self.worker_pids()
+        # The supervisor first, so it cannot replace a worker it sees die.
+        process.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(is_running(pid) for pid in children):
+            assert time.monotonic() < deadline, f"processes survived SIGKILL: {children}"
+            time.sleep(0.01)  # polling interval
+        return [process.pid, *children]
+
+    def terminate(self, timeout_s: float) -> tuple[int | None, float]:
+        """SIGTERM the supervisor; return its exit code (None: still running) and the seconds."""
+        process = self._process
+        assert process is not None
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        try:
+            returncode: int | None = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        return returncode, time.monotonic() - started
+
+    def running(self) -> bool:
+        assert self._process is not None
+        return self._process.poll() is None
+
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
@@ -75,6 +132,24 @@ class ServerProcess:
                 last = e
             time.sleep(0.05)  # polling interval
         raise AssertionError(f"{path} never answered {status} (last: {last}):\n{self.log()}")
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc/<pid>/task/*/children (Linux)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            found.extend(int(child) for child in children.read_text().split())
+    return sorted(set(found))
+
+
+def is_running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def statuses(responses: Iterator[httpx.Response]) -> dict[int, int]:

@@ -6,24 +6,14 @@ import time
 from typing import TYPE_CHECKING
 
 import httpx
-import pytest
 
-from tests.postgres import DedicatedPostgres
 from tests.server_process import ServerProcess
 from tests.support import JSON, SERVICE
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
-
-@pytest.fixture
-def dedicated_pg() -> Iterator[DedicatedPostgres]:
-    pg = DedicatedPostgres()
-    try:
-        yield pg
-    finally:
-        pg.close()
+    from tests.postgres import DedicatedPostgres
 
 
 def issue(http: httpx.Client, campaign_id: str) -> httpx.Response:
