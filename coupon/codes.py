@@ -17,9 +17,21 @@ ALPHABET = "".join(chr(c) for c in range(HANGUL_FIRST, HANGUL_LAST + 1)) + "0123
 _ALPHABET_SET = frozenset(ALPHABET)
 
 
+_CODE_SPACE = len(ALPHABET) ** CODE_LENGTH
+
+
 def new_code() -> str:
-    """Return a fresh code from the operating system's CSPRNG."""
-    return "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))
+    """Return a fresh code from the operating system's CSPRNG.
+
+    One uniform draw over all possible codes, spelt out in base len(ALPHABET): uniform per
+    character like ten separate draws, at one system call instead of ten (it is on the hot path).
+    """
+    number = secrets.randbelow(_CODE_SPACE)
+    chars = []
+    for _ in range(CODE_LENGTH):
+        number, index = divmod(number, len(ALPHABET))
+        chars.append(ALPHABET[index])
+    return "".join(chars)
 
 
 def is_code(text: str) -> bool:

@@ -30,6 +30,19 @@ def poll_issue(http: httpx.Client, campaign_id: str, status: int, timeout_s: flo
     raise AssertionError(f"IssueCoupon never answered {status}")
 
 
+def poll_post(
+    http: httpx.Client, method: str, body: dict[str, object], timeout_s: float = 45
+) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = http.post(f"{SERVICE}/{method}", json=body)
+        if response.status_code == 200:
+            return response
+        assert (response.status_code, response.json()["code"]) == (503, "unavailable")
+        time.sleep(0.05)  # polling interval
+    raise AssertionError(f"{method} never answered 200")
+
+
 def test_server_survives_postgres_down_at_start_and_mid_run(
     tmp_path: Path, dedicated_pg: DedicatedPostgres
 ):
@@ -43,8 +56,9 @@ def test_server_survives_postgres_down_at_start_and_mid_run(
 
         dedicated_pg.start()
         server.wait_for("/readyz", 200)
-        created = http.post(f"{SERVICE}/CreateCampaign", json={"name": "outage", "total": 1000})
-        assert created.status_code == 200, created.text
+        # Readiness is per worker process: the worker that answered /readyz may not be the one
+        # that takes the next call, and the other's pool may still be in its reconnect backoff.
+        created = poll_post(http, "CreateCampaign", {"name": "outage", "total": 1000})
         campaign_id = created.json()["campaignId"]
         assert issue(http, campaign_id).status_code == 200
 
