@@ -15,6 +15,7 @@ import httpx
 import yaml
 
 from tests.postgres import free_port
+from tests.support import give_up_after
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -93,7 +94,7 @@ class ServerProcess:
         process.wait(timeout=10)
         deadline = time.monotonic() + 10
         while any(is_running(pid) for pid in children):
-            assert time.monotonic() < deadline, f"processes survived SIGKILL: {children}"
+            give_up_after(deadline, f"the end of SIGKILLed processes {children}")
             time.sleep(0.01)  # polling interval
         return [process.pid, *children]
 

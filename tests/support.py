@@ -19,6 +19,12 @@ SERVICE = "/coupon.CouponService"
 JSON = {"Content-Type": "application/json"}
 
 
+def give_up_after(deadline: float, what: str) -> None:
+    """End a polling loop that has waited past its bound (a hang guard, not a speed check)."""
+    if time.monotonic() >= deadline:
+        raise TimeoutError(f"gave up waiting: {what}")
+
+
 def wait_until_healthy(base_url: str, timeout_s: float = 15.0, path: str = "/healthz") -> None:
     """Poll the health endpoint (never a fixed sleep) until it answers 200 or time runs out."""
     deadline = time.monotonic() + timeout_s

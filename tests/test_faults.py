@@ -18,7 +18,7 @@ import httpx
 import psycopg
 
 from tests.server_process import ServerProcess
-from tests.support import JSON, SERVICE
+from tests.support import JSON, SERVICE, give_up_after
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -87,7 +87,7 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
     """Poll a condition on the test's own counters, bounded by WAIT_S."""
     deadline = time.monotonic() + WAIT_S
     while not condition():
-        assert time.monotonic() < deadline, f"never happened within {WAIT_S}s: {what}"
+        give_up_after(deadline, f"{what} (within {WAIT_S}s)")
         await asyncio.sleep(0.01)  # polling interval
 
 
@@ -295,7 +295,7 @@ def probe_until_refused(server: ServerProcess) -> list[str]:
     answers: list[str] = []
     deadline = time.monotonic() + WAIT_S
     while not answers or answers[-1] != "ConnectError":
-        assert time.monotonic() < deadline, f"new connections never refused: {answers}"
+        give_up_after(deadline, f"new connections refused; got {answers}")
         answers.append(new_connection_answer(server.base_url))
     return answers
 
