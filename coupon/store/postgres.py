@@ -224,9 +224,8 @@ class PostgresStore:
     async def _issue_group(
         self, cid: uuid.UUID, user_ids: Sequence[str | None]
     ) -> list[IssuedCoupon | CouponError]:
-        with wrap_exceptions():
-            async with self._pool.connection() as conn:
-                outcome = await issue_group(conn, self._sql, cid, user_ids)
+        async with self._connection() as conn:
+            outcome = await issue_group(conn, self._sql, cid, user_ids)
         if outcome.facts is not None:
             self._facts[cid] = outcome.facts
         if outcome.sold_out:
