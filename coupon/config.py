@@ -6,12 +6,14 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+N = TypeVar("N", int, float)
 
 STORE_TYPES = ("memory", "postgres")
 LOG_FORMATS = ("text", "json")
@@ -128,21 +130,21 @@ def _convert(where: str, value: Any, type_name: Any) -> Any:
 
 
 def _to_int(where: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where} must be a whole number")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a whole number, got {value!r}") from None
+    return _to_number(where, value, int, "a whole number")
 
 
 def _to_float(where: str, value: Any) -> float:
+    return _to_number(where, value, float, "a number")
+
+
+def _to_number(where: str, value: Any, number_type: type[N], what: str) -> N:
+    # YAML's true/false would otherwise pass as 1/0.
     if isinstance(value, bool):
-        raise ConfigError(f"{where} must be a number")
+        raise ConfigError(f"{where} must be {what}")
     try:
-        return float(value)
+        return number_type(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        raise ConfigError(f"{where} must be {what}, got {value!r}") from None
 
 
 def _to_bool(where: str, value: Any) -> bool:
