@@ -20,6 +20,7 @@ from coupon.app import CONFIG_PATH_ENV
 from coupon.config import ConfigError, load_config
 from coupon.logs import logging_config
 from coupon.metrics import MULTIPROCESS_DIR_ENV
+from coupon.webhooks import cli as webhooks_cli
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -36,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="YAML config file; without it, built-in defaults (memory store, 127.0.0.1:8080)",
     )
+    parser.add_argument(
+        "--role",
+        choices=("server", "webhooks"),
+        default="server",
+        help="server: serve the API (and deliver webhooks unless webhooks.deliver_in_server is "
+        "false); webhooks: only deliver webhooks (PostgreSQL store)",
+    )
+    webhooks_cli.add_commands(parser)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -44,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log_config = logging_config(config.server.log_format, config.server.log_level)
     logging.config.dictConfig(log_config)
+    if args.command == "webhooks":
+        return webhooks_cli.run_command(args, config)
+    if args.role == "webhooks":
+        return webhooks_cli.run_delivery_process(config)
     if not config.auth.admin_token:
         log.warning(
             "auth.admin_token is not set: CreateCampaign and GetCampaign are open to anyone "

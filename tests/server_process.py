@@ -32,6 +32,8 @@ class ServerProcess:
         *,
         name: str = "server",
         shutdown_timeout_s: int | None = None,
+        extra_config: dict[str, object] | None = None,
+        role: str = "server",
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -47,6 +49,8 @@ class ServerProcess:
         }
         if dsn is not None:
             config["database"] = {"dsn": dsn, "connect_timeout_s": 1, "pool_min_size": 1}
+        config.update(extra_config or {})
+        self.role = role
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -54,7 +58,10 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "coupon.server", "--config", str(self.config_path)],
+                [
+                    *(sys.executable, "-m", "coupon.server", "--config", str(self.config_path)),
+                    *(("--role", self.role) if self.role != "server" else ()),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

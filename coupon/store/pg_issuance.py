@@ -15,7 +15,7 @@ a user who holds a code still gets it back from a sold-out campaign.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from coupon.campaigns import IssuedCoupon
 from coupon.codes import new_code
@@ -55,11 +55,25 @@ class _Claim:
     calls: list[int] = field(default_factory=list)  # indexes into the group
 
 
+class IssuedRecorder(Protocol):
+    """Writes what the group issued somewhere else in the same transaction (webhook events)."""
+
+    async def __call__(
+        self,
+        conn: AsyncConnection[Any],
+        campaign_id: uuid.UUID,
+        coupons: Sequence[tuple[str, str | None]],
+        at: datetime,
+    ) -> None: ...
+
+
 async def issue_group(
     conn: AsyncConnection[Any],
     sql: Mapping[str, str],
     campaign_id: uuid.UUID,
     user_ids: Sequence[str | None],
+    *,
+    on_issued: IssuedRecorder | None = None,
 ) -> GroupOutcome:
     claims = _claims(user_ids)
     users = [c.user_id for c in claims if c.user_id is not None]
@@ -93,6 +107,9 @@ async def issue_group(
             _settle(results, claim, IssuedCoupon(code=code, issued_at=now), repeat=False)
         for claim in losers:
             _fail(results, claim, SoldOut())
+        if on_issued is not None and codes:
+            issued = [(code, claim.user_id) for code, claim in zip(codes, winners, strict=True)]
+            await on_issued(conn, campaign_id, issued, now)
         outcome.sold_out = after - unused >= total
     outcome.results = _complete(results)
     return outcome

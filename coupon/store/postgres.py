@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         Redemption,
     )
     from coupon.config import DatabaseConfig
+    from coupon.webhooks.pg_outbox import PgOutbox
 
 log = logging.getLogger("coupon.store.postgres")
 
@@ -81,8 +82,10 @@ class PostgresStore:
         retry_initial_s: float = 0.5,
         retry_max_s: float = 5.0,
         clock: Clock = system_clock,
+        outbox: PgOutbox | None = None,
     ) -> None:
         self.config = config
+        self._outbox = outbox  # webhook events, written in each change's transaction
         self._clock = clock
         # Clocks of app hosts and the database may differ a little: only refuse "not started"
         # locally when the start is further away than any sane skew.
@@ -235,7 +238,15 @@ class PostgresStore:
         self, cid: uuid.UUID, user_ids: Sequence[str | None]
     ) -> list[IssuedCoupon | CouponError]:
         async with self._connection() as conn:
-            outcome = await issue_group(conn, self._sql, cid, user_ids)
+            outcome = await issue_group(
+                conn,
+                self._sql,
+                cid,
+                user_ids,
+                on_issued=None if self._outbox is None else self._outbox.issued,
+            )
+        if self._outbox is not None:
+            metrics.WEBHOOK_EVENTS_WRITTEN.inc(_new_codes(outcome.results))
         if outcome.facts is not None:
             self._facts[cid] = outcome.facts
         if outcome.sold_out:
@@ -283,3 +294,7 @@ class PostgresStore:
 
     async def cancel_redemption(self, code: str, order_id: str, *, brand: str | None) -> Coupon:
         raise NotImplementedError
+
+
+def _new_codes(results: Sequence[IssuedCoupon | CouponError]) -> int:
+    return sum(1 for r in results if isinstance(r, IssuedCoupon) and not r.repeat)
