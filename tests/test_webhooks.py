@@ -47,7 +47,8 @@ def test_backoff_doubles_up_to_its_cap_and_gives_up_after_max_attempts():
         ("[{url: 'http://x', secret: 0123456789abcdef0, extra: 1}]", "unknown key(s)"),
         ("{url: 'http://x'}", "must be a list"),
         (
-            "[{url: 'http://x', secret: 0123456789abcdef0}, {url: 'http://x', secret: a123456789abcdef}]",
+            "[{url: 'http://x', secret: 0123456789abcdef0},"
+            " {url: 'http://x', secret: a123456789abcdef}]",
             "each url may appear once",
         ),
     ],
@@ -106,7 +107,9 @@ def test_memory_store_sends_every_change_signed_after_failed_attempts():
     print(f"\n{receiver.tallies.line()}")
     assert receiver.tallies.answered_500 == 2
     assert receiver.tallies.bad_signatures == 0
-    summary = sorted((e["type"], e["code"], e.get("userId", ""), e.get("orderId", "")) for e in events)
+    summary = sorted(
+        (e["type"], e["code"], e.get("userId", ""), e.get("orderId", "")) for e in events
+    )
     assert summary == sorted(
         [
             ("coupon.issued", first, "u1", ""),

@@ -115,29 +115,26 @@ class PgOutbox:
             ],
         )
 
-    async def redemption(
-        self,
-        conn: AsyncConnection[Any],
-        *,
-        cancelled: bool,
-        campaign_id: uuid.UUID,
-        code: str,
-        user_id: str | None,
-        order_id: str,
-        at: datetime,
-    ) -> None:
-        """coupon.redeemed / coupon.redemption_cancelled, in the redeeming transaction."""
-        brand = await self._brand(conn, campaign_id)
-        event = new_event(
-            REDEMPTION_CANCELLED if cancelled else REDEEMED,
-            time=at,
-            campaign_id=str(campaign_id),
-            brand=brand,
-            code=code,
-            user_id=user_id,
-            order_id=order_id,
+    async def history_written(self, conn: AsyncConnection[Any], code: str, order_id: str) -> int:
+        """coupon.redeemed / coupon.redemption_cancelled for the history rows this transaction
+        wrote for (code, order); returns how many (0 for a repeated call)."""
+        cursor = await conn.execute(
+            self._sql["history_written_now"], {"code": code, "order_id": order_id}
         )
-        await self.record(conn, [event])
+        events = [
+            new_event(
+                REDEEMED if action == "redeem" else REDEMPTION_CANCELLED,
+                time=at,
+                campaign_id=str(campaign_id),
+                brand=brand or "",
+                code=code,
+                user_id=user_id,
+                order_id=order_id,
+            )
+            for action, at, campaign_id, user_id, brand in await cursor.fetchall()
+        ]
+        await self.record(conn, events)
+        return len(events)
 
     async def _brand(self, conn: AsyncConnection[Any], campaign_id: uuid.UUID) -> str:
         cursor = await conn.execute(self._sql["campaign_brand"], {"campaign_id": campaign_id})

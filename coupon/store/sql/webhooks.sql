@@ -6,8 +6,17 @@ SELECT CASE WHEN to_regclass('procrastinate_jobs') IS NULL THEN NULL
        ELSE COALESCE(obj_description(to_regclass('procrastinate_jobs'), 'pg_class'), '') END;
 
 -- name: campaign_brand
--- to_jsonb: NULL (no brand) on a schema from before the brand column (migration 0002).
-SELECT to_jsonb(c) ->> 'brand' FROM campaigns c WHERE id = %(campaign_id)s;
+SELECT brand FROM campaigns WHERE id = %(campaign_id)s;
+
+-- name: history_written_now
+-- The redemption history rows this transaction wrote for (code, order): their `at` is this
+-- transaction's now(); a repeated RedeemCoupon or CancelRedemption writes none.
+SELECT r.action, r.at, k.campaign_id, k.user_id, c.brand
+FROM redemptions r
+JOIN coupons k ON k.code = r.code
+JOIN campaigns c ON c.id = k.campaign_id
+WHERE r.code = %(code)s AND r.order_id = %(order_id)s AND r.at = now()
+ORDER BY r.id;
 
 -- name: take_dead_job
 -- A dead-lettered batch leaves the failed state only by being queued again, in the same
