@@ -12,6 +12,8 @@ scripts/wrk/issue.lua, and ends it by its PID. Configurations (--only picks amon
 - memory:   memory store, 1 worker, a campaign too large to sell out
 - soldout:  sold-out storm: a campaign of 1, sold, then loaded (memory; Postgres if available)
 - postgres: Postgres store with 1 and 2 workers, a campaign too large to sell out
+- webhooks: Postgres store, 1 worker, webhooks on (a local scripts/webhook_receiver.py),
+            next to the same server with them off (P1 on vs off, in the same run)
 - pgbench:  one conditional increment + insert per transaction, 64 clients (baseline for
             the Postgres rows)
 
@@ -51,7 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "scripts" / "wrk" / "issue.lua"
 ECHO = ROOT / "scripts" / "echo_server.py"
 SERVICE = "/coupon.CouponService"
-CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "pgbench")
+CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "webhooks", "pgbench")
+WEBHOOK_SECRET = "bench-webhook-secret-0123456789"
+RECEIVER = ROOT / "scripts" / "webhook_receiver.py"
 CONNECTIONS = (64, 256)
 POSTGRES_CONNECTIONS = (64, 128, 256)  # 128: the grouping target of issue #5 (2 workers)
 LARGE_CAMPAIGN = 10_000_000  # limits.max_total: no run here comes near selling it out
@@ -159,22 +163,34 @@ def server_process(
                 process.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def webhook_receiver(port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """scripts/webhook_receiver.py on `port`: verifies each POST's signature, answers 204."""
+    command = [sys.executable, str(RECEIVER), "--port", str(port), "--secret", WEBHOOK_SECRET]
+    command.append("--quiet")
+    with server_process(command, f"http://127.0.0.1:{port}", workdir / "receiver.log") as p:
+        yield p
+
+
 def tail(path: Path, lines: int = 5) -> str:
     text = path.read_text(errors="replace").strip().splitlines()
     return " | ".join(text[-lines:]) or "(no output)"
 
 
 def coupon_server_command(
-    workdir: Path, store: str, workers: int, port: int, dsn: str, token: str
+    workdir: Path, store: str, workers: int, port: int, dsn: str, token: str, webhook_url: str = ""
 ) -> list[str]:
-    config = {
+    config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "workers": workers},
         "store": {"type": store},
         "auth": {"admin_token": token},
     }
     if store == "postgres":
         config["database"] = {"dsn": dsn}
-    path = workdir / f"config-{store}-{workers}.yaml"
+    if webhook_url:
+        config["webhooks"] = {"endpoints": [{"url": webhook_url, "secret": WEBHOOK_SECRET}]}
+    hooks = "-webhooks" if webhook_url else ""
+    path = workdir / f"config-{store}-{workers}{hooks}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return [sys.executable, "-m", "coupon.server", "--config", str(path)]
 
@@ -419,6 +435,15 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
                 add(f"pg{workers}@{c}", f"postgres, {workers} worker(s), c={c}", "issued/s",
                     "pgbench", kind="coupon", store="postgres", workers=workers, conns=c,
                     campaign="large")  # fmt: skip
+    for c in POSTGRES_CONNECTIONS:
+        if "webhooks" in only:
+            if "postgres" not in only:  # the "off" row of the pair
+                add(f"pg1@{c}", f"postgres, 1 worker(s), c={c}", "issued/s", "pgbench",
+                    kind="coupon", store="postgres", workers=1, conns=c,
+                    campaign="large")  # fmt: skip
+            add(f"pg1-webhooks@{c}", f"postgres, 1 worker, webhooks on, c={c}", "issued/s",
+                f"pg1@{c}", kind="coupon", store="postgres", workers=1, conns=c,
+                campaign="large", webhooks=True)  # fmt: skip
     for c in CONNECTIONS:
         if "soldout" in only:
             add(f"soldout-memory@{c}", f"sold-out storm, memory, c={c}", "sold-out answers/s",
@@ -439,7 +464,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
     info = machine()
     pg: Postgres | None = None
     pg_problem = ""
-    if only & {"postgres", "soldout", "pgbench"}:
+    if only & {"postgres", "soldout", "pgbench", "webhooks"}:
         try:
             pg = provision_postgres(args, workdir)
             info["PostgreSQL"] = pg.version
@@ -452,9 +477,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
         # One server per (kind, store, workers); all its rows run before it is stopped.
         groups: dict[tuple[Any, ...], list[tuple[Row, dict[str, Any]]]] = {}
         for row, how in planned:
-            group = (how["kind"], how.get("store"), how.get("workers"))
+            group = (how["kind"], how.get("store"), how.get("workers"), how.get("webhooks", False))
             groups.setdefault(group, []).append((row, how))
-        for (kind, store, workers), members in groups.items():
+        for (kind, store, workers, webhooks), members in groups.items():
             if kind == "pgbench":
                 row = members[0][0]
                 if pg is None:
@@ -472,15 +497,26 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                 continue
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"
+            receiver_port = free_port() if webhooks else 0
             if kind == "echo":
                 command = [sys.executable, str(ECHO), "--port", str(port)]
             else:
                 dsn = pg.dsn if pg else ""
-                command = coupon_server_command(workdir, store, workers, port, dsn, args.token)
-            name = "echo" if kind == "echo" else f"{store}-{workers}w"
+                hook_url = f"http://127.0.0.1:{receiver_port}/hooks" if webhooks else ""
+                command = coupon_server_command(
+                    workdir, store, workers, port, dsn, args.token, hook_url
+                )
+            name = (
+                "echo" if kind == "echo" else f"{store}-{workers}w{'-webhooks' if webhooks else ''}"
+            )
             log(f"starting {name}: {shlex.join(command)}")
             try:
-                with server_process(command, base_url, workdir / f"{name}.log"):
+                with (
+                    webhook_receiver(receiver_port, workdir)
+                    if webhooks
+                    else contextlib.nullcontext(),
+                    server_process(command, base_url, workdir / f"{name}.log"),
+                ):
                     warm_up(base_url, args, needs_campaign=kind != "echo")
                     for row, how in members:
                         log(f"{row.label}:")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -246,3 +249,56 @@ async def test_sigkill_of_server_and_delivery_process_mid_post_loses_no_event(
     assert receiver.tallies.bad_signatures == 0
     assert left.get("doing", 0) == 0
     assert left.get("todo", 0) == 0
+
+
+def coupon_server(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coupon.server", "--config", str(config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("COUPON_")},
+    )
+
+
+async def test_a_dead_letter_is_listed_and_delivered_after_retry(tmp_path: Path, pg_dsn: str):
+    with Receiver(SECRET) as receiver:
+        receiver.go_down()
+        hooks = hooks_config(receiver, max_attempts=2, retry_initial_s=0.05, retry_max_s=0.05)
+        with ServerProcess(tmp_path, pg_dsn, workers=1, extra_config=hooks) as server:
+            server.wait_for("/readyz", 200)
+            async with httpx.AsyncClient(
+                base_url=server.base_url, timeout=30, headers=JSON
+            ) as http:
+                created = await http.post(
+                    f"{SERVICE}/CreateCampaign", json={"name": "d", "total": 5}
+                )
+                campaign = created.json()["campaignId"]
+                issued = await http.post(f"{SERVICE}/IssueCoupon", json={"campaignId": campaign})
+                assert issued.status_code == 200
+                deadline = time.monotonic() + 60
+                while (await outbox_left(pg_dsn)).get("failed", 0) < 1:
+                    give_up_after(deadline, "a dead-lettered job")
+                    await asyncio.sleep(0.05)  # polling interval
+                listed = coupon_server(server.config_path, "webhooks", "list-dead")
+                dead_metric = _webhook_metrics((await http.get("/metrics")).text)
+                receiver.come_up()
+                job_id = listed.stdout.splitlines()[1].split("\t")[0]
+                retried = coupon_server(server.config_path, "webhooks", "retry", "--all")
+                await wait_until_delivered(pg_dsn, receiver)
+                again = coupon_server(server.config_path, "webhooks", "list-dead")
+    print(
+        f"\nlist-dead:\n{listed.stdout}{listed.stderr}retry --all:\n{retried.stdout}{dead_metric}"
+    )
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 2  # header + the one dead batch
+    assert lines[1].split("\t")[2] == "1"  # events in the batch
+    assert receiver.url in lines[1]
+    assert SECRET not in listed.stdout + listed.stderr
+    assert "coupon_webhook_events_dead_lettered_total 1.0" in dead_metric
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.strip() == f"{job_id}\tqueued again"
+    assert [e["code"] for e in receiver.events()] == [issued.json()["code"]]
+    assert again.stdout.splitlines()[1:] == []
