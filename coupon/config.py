@@ -258,6 +258,11 @@ def _check(config: Config) -> None:
     ):
         raise ConfigError("database.pool_min_size must be >= 1 and <= database.pool_max_size")
     _check_webhooks(config.webhooks)
+    if config.store.type == "memory" and not config.webhooks.deliver_in_server:
+        raise ConfigError(
+            "webhooks.deliver_in_server: false needs store.type: postgres; the memory store's "
+            "events live in the server process, so only it can deliver them"
+        )
 
 
 def _check_webhooks(webhooks: WebhooksConfig) -> None:
