@@ -299,6 +299,7 @@ async def test_a_dead_letter_is_listed_and_delivered_after_retry(tmp_path: Path,
                 receiver.come_up()
                 job_id = listed.stdout.splitlines()[1].split("\t")[0]
                 retried = coupon_server(server.config_path, "webhooks", "retry", "--all")
+                assert retried.returncode == 0, retried.stderr
                 await wait_until_delivered(pg_dsn, receiver)
                 again = coupon_server(server.config_path, "webhooks", "list-dead")
     print(

@@ -40,6 +40,17 @@ def _outbox_or_exit(config: Config) -> None:
 
 def run_command(args: argparse.Namespace, config: Config) -> int:
     _outbox_or_exit(config)
+    import psycopg
+
+    try:
+        return _run_command(args, config)
+    except psycopg.Error as e:
+        # The class name only: the driver's message may carry host, user or SQL.
+        print(f"coupon-server: the database refused ({type(e).__name__})", file=sys.stderr)
+        return 1
+
+
+def _run_command(args: argparse.Namespace, config: Config) -> int:
     from coupon.webhooks.pg_outbox import PgOutbox, list_dead, retry_dead
 
     outbox = PgOutbox(config.webhooks, config.database.dsn)

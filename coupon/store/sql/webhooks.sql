@@ -23,7 +23,7 @@ ORDER BY r.id;
 -- transaction, as a fresh job with a fresh retry budget.
 DELETE FROM procrastinate_jobs
 WHERE id = %(job_id)s AND task_name = %(task_name)s AND status = 'failed'
-RETURNING task_kwargs;
+RETURNING args;
 
 -- name: mark_procrastinate_schema
 -- {mark} is filled in with psycopg.sql.Literal (COMMENT takes no bound parameters).
