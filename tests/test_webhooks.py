@@ -11,7 +11,8 @@ import pytest
 
 from coupon.app import create_app
 from coupon.config import Config, ConfigError, WebhookEndpoint, WebhooksConfig, load_config
-from coupon.webhooks.delivery import Backoff, Deliverer
+from coupon.gen import coupon_pb
+from coupon.webhooks.delivery import Backoff, Deliverer, encode_batch, endpoints_for
 from coupon.webhooks.events import ISSUED, new_event
 from coupon.webhooks.memory_outbox import MemoryOutbox
 from coupon.webhooks.signing import signature_header, verify
@@ -148,3 +149,27 @@ async def _tick() -> None:
     import asyncio
 
     await asyncio.sleep(0.01)  # polling interval
+
+
+def test_an_endpoint_with_a_brand_gets_only_that_brands_events():
+    acme = WebhookEndpoint("http://127.0.0.1:1/acme", SECRET, brand="acme")
+    every = WebhookEndpoint("http://127.0.0.1:1/all", SECRET)
+    assert endpoints_for([acme, every], "acme") == [acme, every]
+    assert endpoints_for([acme, every], "other") == [every]
+    assert endpoints_for([acme, every], "") == [every]
+
+
+def test_events_travel_as_proto3_json_of_an_event_batch():
+    event = new_event(
+        ISSUED,
+        time=datetime(2026, 11, 22, 5, 36, 32, 390769, tzinfo=UTC),
+        campaign_id="80731ac8-6e2a-4471-91b8-6b3c06c8e20d",
+        brand="acme",
+        code="가나다라마0123",
+        user_id="user-42",
+    )
+    decoded = coupon_pb.EventBatch.from_json(encode_batch([event]))
+    assert [(e.id, e.type, e.brand, e.code, e.user_id, e.order_id) for e in decoded.events] == [
+        (event.id, "coupon.issued", "acme", "가나다라마0123", "user-42", "")
+    ]
+    assert decoded.events[0].time.to_datetime() == event.time
