@@ -612,7 +612,7 @@ def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, argv
         f"wrk -t{os.cpu_count()} -c<64|256> -d{args.duration}s --timeout 10s "
         "-s scripts/wrk/issue.lua http://127.0.0.1:<port>/coupon.CouponService/IssueCoupon "
         "-- <campaign-id>",
-        "# RedeemCoupon row (codes issued beforehand, one per line, not measured):",
+        "# RedeemCoupon row (codes issued beforehand, outside the timed run, one per line):",
         f"wrk -t<n> -c{REDEEM_CONNECTIONS} -d{args.duration}s --timeout 10s "
         "-s scripts/wrk/redeem.lua http://127.0.0.1:<port>/coupon.CouponService/RedeemCoupon "
         "-- <codes file> <n>",
