@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2016,SC2054  # mmdebstrap hooks expand $1 themselves; --include takes commas
 # Build the Dockerfile and run the image, then compose.yaml, with podman; print the figures.
 #
 #   sudo bash scripts/container_test.sh          (tests/test_containers.py runs it in the suite)
@@ -31,7 +32,8 @@ MIRRORS=(
     "deb http://deb.debian.org/debian $SUITE main"
     "deb http://deb.debian.org/debian-security $SUITE-security main"
 )
-# Recipes: everything that goes into an image; their hash is the image's tag.
+# Recipes: everything that goes into an image; their hash is the image's tag. The hooks are
+# single-quoted on purpose ($1 is mmdebstrap's target directory); --include takes commas.
 SLIM=(--variant=minbase
       --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*'
       --dpkgopt='path-exclude=/usr/share/locale/*')
@@ -157,19 +159,20 @@ wait_ready() {  # base URLs...; polls /readyz, bounded
 published() { echo "http://$(podman port "$1" 8080 | head -1)"; }
 
 verify() {  # label, base URLs...; runs the exactly-N verifier across them
-    local label=$1 url args=() out
+    local label=$1 url args=() out line
     shift
     for url in "$@"; do args+=(--url "$url"); done
     out=$("$PY" scripts/concurrency_check.py "${args[@]}" --token "$TOKEN" --requests "$REQUESTS" \
           --total "$TOTAL" --concurrency 100 --progress off 2>&1) \
         || { echo "$out" >&2; fail "verifier against $label"; }
-    echo "$out" | sed 's/^/    /' >&2
+    while IFS= read -r line; do echo "    $line"; done <<<"$out" >&2
     say "verifier vs $label: $(echo "$out" | grep '^Issued:') | $(echo "$out" | grep '^OK:')" >&2
     echo "$out" | sed -n 's/^Campaign \([0-9a-f-]*\):.*/\1/p'
 }
 
 issued_metric() {  # base URL -> coupon_coupons_issued_total of that replica
-    curl -s --max-time 5 "$1/metrics" | awk '/^coupon_coupons_issued_total / { printf "%d", $2 }'
+    curl -s --max-time 5 "$1/metrics" \
+        | awk '/^coupon_coupons_issued_total / { n = $2 } END { printf "%d", n }'
 }
 
 # --- 1. images ---------------------------------------------------------------------------
@@ -204,15 +207,18 @@ wait_ready "$APP_URL"
 say "container ready on $APP_URL in $(since "$began") s (the database started beside it)"
 podman healthcheck run "$APP" >/dev/null 2>&1 || fail "the image's HEALTHCHECK failed"
 pid1=$(podman top "$APP" pid user comm | awk '$1 == 1 { print $3 " as " $2 }')
-[ "${pid1%% as *}" = coupon-server ] && [ "${pid1##* as }" != root ] \
-    || fail "PID 1 should be coupon-server as a non-root user, is: $pid1"
+if [ "${pid1%% as *}" != coupon-server ] || [ "${pid1##* as }" = root ]; then
+    fail "PID 1 should be coupon-server as a non-root user, is: $pid1"
+fi
 say "PID 1: $pid1; HEALTHCHECK: healthy"
 verify "the container" "$APP_URL" >/dev/null
 
 bound=$("$PY" -c 'import yaml; print(yaml.safe_load(open("configs/container.yaml"))["server"]["shutdown_timeout_s"])')
 began=$(now)
 podman kill --signal TERM "$APP" >/dev/null
-exit_code=$(podman wait "$APP")
+# Bounded: a PID 1 that ignores SIGTERM (a shell in front, say) would otherwise hang here.
+exit_code=$(timeout "$((bound * 2))" podman wait "$APP") \
+    || fail "still running $((bound * 2)) s after SIGTERM: PID 1 ignores it"
 stop_s=$(since "$began")
 say "SIGTERM: exit code $exit_code, stopped in $stop_s s (bound: server.shutdown_timeout_s = $bound s)"
 [ "$exit_code" = 0 ] || fail "exit code $exit_code after SIGTERM, expected 0"
@@ -249,23 +255,26 @@ replica_urls() {
 
 began=$(now)
 compose up -d --no-build
-urls=$(replica_urls)
-read -r -a URLS <<<"$urls"
+listed=$(replica_urls)
+read -r -a URLS <<<"$listed"
 wait_ready "${URLS[@]}"
 say "compose: db + 2 app replicas ready on ${URLS[*]} in $(since "$began") s"
+# podman-compose cannot wait for it (no systemd timers here), but the db's health check from
+# compose.yaml must pass now that the replicas are ready.
+podman healthcheck run "${PROJECT}_db_1" >/dev/null 2>&1 || fail "the db service's healthcheck failed"
 campaign=$(verify "the compose stack (both replicas)" "${URLS[@]}")
 first=$(issued_metric "${URLS[0]}")
 second=$(issued_metric "${URLS[1]}")
 say "compose: codes issued per replica (their /metrics): $first + $second = $((first + second))"
 [ "$((first + second))" = "$TOTAL" ] || fail "the replicas issued $((first + second)), not $TOTAL"
-[ "$first" -gt 0 ] && [ "$second" -gt 0 ] || fail "one replica issued no code"
+if [ "$first" = 0 ] || [ "$second" = 0 ]; then fail "one replica issued no code"; fi
 
 # Down (containers gone, volume kept) and up again: the campaign must still be there.
 began=$(now)
 compose down
 compose up -d --no-build
-urls=$(replica_urls)
-read -r -a URLS <<<"$urls"
+listed=$(replica_urls)
+read -r -a URLS <<<"$listed"
 wait_ready "${URLS[@]}"
 answer=$(curl -s --max-time 5 -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \
     -d "{\"campaignId\": \"$campaign\", \"pageSize\": 1}" \
