@@ -40,7 +40,7 @@ async def test_every_error_reaches_the_client_with_its_code_and_status(
     error: Exception, code: str, http_status: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     class FailingStore(MemoryStore):
-        async def issue_coupon(self, campaign_id: str, user_id: str | None) -> Any:
+        async def issue_coupon(self, campaign_id: str, request: Any) -> Any:
             raise error
 
     with ServerThread(create_app(Config(), FailingStore())) as server:

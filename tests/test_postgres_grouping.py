@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 import coupon.store.postgres as pg_store_module
-from coupon.campaigns import IssuedCoupon
+from coupon.campaigns import IssuedCoupon, IssueRequest
 from coupon.errors import CampaignNotStarted, SoldOut
 from coupon.store.pg_issuance import issue_group
 from coupon.store.queries import queries
@@ -58,7 +58,7 @@ async def test_one_group_with_duplicate_users_and_more_claims_than_coupons(pg_ds
 async def test_users_who_already_hold_a_code_give_their_positions_back(pg_dsn: str) -> None:
     async with open_postgres_store(pg_dsn) as pg:
         created = await pg.create_campaign(campaign(3))
-        first = await pg.issue_coupon(created.id, "holder")
+        first = await pg.issue_coupon(created.id, IssueRequest(user_id="holder"))
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         outcome = await issue_group(conn, queries(), uuid.UUID(created.id), ["holder", None, "new"])
     holder, anonymous, new = outcome.results
@@ -83,7 +83,8 @@ async def test_racing_calls_in_small_groups_issue_exactly_total(
         created = await pg.create_campaign(campaign(total))
         users = [f"u{i % 5}" if i % 3 == 0 else None for i in range(callers)]
         results = await asyncio.gather(
-            *(pg.issue_coupon(created.id, user) for user in users), return_exceptions=True
+            *(pg.issue_coupon(created.id, IssueRequest(user_id=user)) for user in users),
+            return_exceptions=True,
         )
     assert max(sizes) <= group_size
     assert sum(sizes) == callers
@@ -122,16 +123,16 @@ async def test_a_sold_out_campaign_answers_without_a_query(
 ) -> None:
     async with open_postgres_store(pg_dsn) as pg:
         created = await pg.create_campaign(campaign(1))
-        held = await pg.issue_coupon(created.id, "winner")
+        held = await pg.issue_coupon(created.id, IssueRequest(user_id="winner"))
         with pytest.raises(SoldOut):
-            await pg.issue_coupon(created.id, None)
+            await pg.issue_coupon(created.id, IssueRequest())
         transactions = len(issuance_queries)
         for _ in range(50):
             with pytest.raises(SoldOut):
-                await pg.issue_coupon(created.id, None)
+                await pg.issue_coupon(created.id, IssueRequest())
         assert len(issuance_queries) == transactions
         # A user may hold a code, so a user's call still asks the database.
-        again = await pg.issue_coupon(created.id, "winner")
+        again = await pg.issue_coupon(created.id, IssueRequest(user_id="winner"))
         assert (again.code, again.repeat) == (held.code, True)
         assert len(issuance_queries) == transactions + 1
 
@@ -144,7 +145,7 @@ async def test_a_start_far_ahead_is_refused_without_a_query_near_it_the_database
         far: PostgresStore = pg
         later = await far.create_campaign(campaign(5, start_time=db_now + timedelta(hours=1)))  # type: ignore[operator]
         with pytest.raises(CampaignNotStarted):
-            await far.issue_coupon(later.id, None)
+            await far.issue_coupon(later.id, IssueRequest())
         assert issuance_queries == []
         # Within the margin this host cannot be sure, so the database clock decides.
         near = await far.create_campaign(campaign(5, start_time=db_now + timedelta(seconds=1)))  # type: ignore[operator]
@@ -153,6 +154,6 @@ async def test_a_start_far_ahead_is_refused_without_a_query_near_it_the_database
             "UPDATE campaigns SET start_time = now() - interval '1 s' WHERE id = %s",
             near.id,
         )
-        issued = await far.issue_coupon(near.id, None)
+        issued = await far.issue_coupon(near.id, IssueRequest())
         assert issued.code
         assert issuance_queries == [1]

@@ -39,7 +39,14 @@ if TYPE_CHECKING:
 
     from psycopg import AsyncConnection
 
-    from coupon.campaigns import NewCampaign
+    from coupon.campaigns import (
+        CampaignList,
+        Coupon,
+        IssueRequest,
+        ListCursor,
+        NewCampaign,
+        Redemption,
+    )
     from coupon.config import DatabaseConfig
 
 log = logging.getLogger("coupon.store.postgres")
@@ -204,7 +211,7 @@ class PostgresStore:
             issued=0,
         )
 
-    async def issue_coupon(self, campaign_id: str, user_id: str | None) -> IssuedCoupon:
+    async def issue_coupon(self, campaign_id: str, request: IssueRequest) -> IssuedCoupon:
         """Issue one code, grouped with the campaign's other calls arriving meanwhile.
 
         Answers without a query when the answer is certain: a campaign this process saw sold
@@ -213,6 +220,9 @@ class PostgresStore:
         Near the boundary the database clock decides.
         """
         cid = uuid.UUID(campaign_id)
+        user_id = request.user_id
+        if request.idempotency_key is not None:
+            raise NotImplementedError("idempotency keys on PostgreSQL: issue 9, in progress")
         if user_id is None and cid in self._sold_out:
             raise SoldOut()
         facts = self._facts.get(cid)
@@ -232,7 +242,9 @@ class PostgresStore:
             self._sold_out.add(cid)
         return outcome.results
 
-    async def get_campaign(self, campaign_id: str, after_seq: int, limit: int) -> CampaignPage:
+    async def get_campaign(
+        self, campaign_id: str, after_seq: int, limit: int, *, brand: str | None
+    ) -> CampaignPage:
         await self._ensure_migrated()
         async with self._connection() as conn:
             cursor = await conn.execute(
@@ -254,3 +266,20 @@ class PostgresStore:
             last_seq=page[-1][0] if page else after_seq,
             has_more=has_more,
         )
+
+    # Issue 9 (in progress): the coupon's life after issuance, on PostgreSQL.
+    async def list_campaigns(
+        self, after: ListCursor | None, limit: int, *, brand: str | None
+    ) -> CampaignList:
+        raise NotImplementedError
+
+    async def get_coupon(self, code: str, *, brand: str | None) -> Coupon:
+        raise NotImplementedError
+
+    async def redeem_coupon(
+        self, code: str, order_id: str, user_id: str | None, *, brand: str | None
+    ) -> Redemption:
+        raise NotImplementedError
+
+    async def cancel_redemption(self, code: str, order_id: str, *, brand: str | None) -> Coupon:
+        raise NotImplementedError
