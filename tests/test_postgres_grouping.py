@@ -110,9 +110,11 @@ def issuance_queries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the issuance transactions the store starts."""
     started: list[int] = []
 
-    async def counting(conn: Any, sql_: Any, cid: uuid.UUID, user_ids: Sequence[str | None]) -> Any:
+    async def counting(
+        conn: Any, sql_: Any, cid: uuid.UUID, user_ids: Sequence[str | None], **kwargs: Any
+    ) -> Any:
         started.append(len(user_ids))
-        return await issue_group(conn, sql_, cid, user_ids)
+        return await issue_group(conn, sql_, cid, user_ids, **kwargs)
 
     monkeypatch.setattr(pg_store_module, "issue_group", counting)
     return started

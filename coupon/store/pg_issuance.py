@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
     from psycopg import AsyncConnection
 
+    from coupon.store.pg_commit import GroupTrace
+
 # A collision needs two equal 134-bit codes; more than a few rounds means a bug, not bad luck.
 MAX_CODE_ROUNDS = 8
 
@@ -60,6 +62,7 @@ async def issue_group(
     sql: Mapping[str, str],
     campaign_id: uuid.UUID,
     user_ids: Sequence[str | None],
+    trace: GroupTrace | None = None,
 ) -> GroupOutcome:
     claims = _claims(user_ids)
     users = [c.user_id for c in claims if c.user_id is not None]
@@ -73,7 +76,9 @@ async def issue_group(
             return await _explain_refusal(
                 conn, sql, campaign_id, claims=claims, users=users, results=results
             )
-        before, after, total, start_time, now = taken
+        before, after, total, start_time, now, xid = taken
+        if trace is not None:
+            trace.xid, trace.db_now = xid, now
         outcome = GroupOutcome(results=[], facts=CampaignFacts(total, start_time))
 
         held = await _held_codes(conn, sql, campaign_id, users) if users else {}
@@ -94,7 +99,9 @@ async def issue_group(
         for claim in losers:
             _fail(results, claim, SoldOut())
         outcome.sold_out = after - unused >= total
-    outcome.results = _complete(results)
+        outcome.results = _complete(results)
+        if trace is not None:
+            trace.pending = outcome  # from here on, COMMIT decides
     return outcome
 
 
