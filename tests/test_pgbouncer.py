@@ -21,8 +21,8 @@ from tests.test_faults import (
 if TYPE_CHECKING:
     from pathlib import Path
 
-TOTAL = 2000
-EXTRA = 500  # calls past the sell-out: each must be refused cleanly
+TOTAL = 1000
+EXTRA = 200  # calls past the sell-out: each must be refused cleanly
 
 
 async def test_a_storm_through_pgbouncer_in_transaction_mode_is_exact(
