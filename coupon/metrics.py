@@ -54,6 +54,12 @@ DB_CLOCK_SKEW = Gauge(
     multiprocess_mode="liveall",
 )
 
+HTTP_READ_TIMEOUTS = Counter(
+    "coupon_http_read_timeouts",
+    "Connections closed because a request's headers or body came too slowly",
+    ["phase"],
+)
+
 
 class MetricsInterceptor:
     """A Connect metadata interceptor placed first, so it also counts calls refused before their
