@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coupon.server")
 
+# At shutdown, how long a connection accepted but not yet carrying a request may still send it.
+SHUTDOWN_FIRST_REQUEST_S = 1.0
+
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(
@@ -42,6 +45,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timeout_s = header_timeout_s
         self._body_timeout_s = body_timeout_s
         self._read_timer: asyncio.TimerHandle | None = None
+        self._served_any = False
+        self._stopping = False
 
     def _arm(self, seconds: float, phase: str) -> None:
         self._disarm()
@@ -67,8 +72,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def on_headers_complete(self) -> None:
+        self._served_any = True
         self._arm(self._body_timeout_s, "body")
         super().on_headers_complete()
+        if self._stopping and self.cycle is not None:
+            self.cycle.keep_alive = False  # answer it, then close
+
+    def shutdown(self) -> None:
+        """A graceful stop. uvicorn closes every connection without a request in progress at
+        once, including one accepted a moment ago whose first request is on its way: that
+        client saw its connection accepted, then dropped unanswered. Such a connection gets
+        a short grace to send its request, which is answered with `Connection: close`."""
+        self._stopping = True
+        if self._served_any or self.transport.is_closing():
+            super().shutdown()
+            return
+        if self.parser is not None and self.cycle is None:
+            self._arm(min(SHUTDOWN_FIRST_REQUEST_S, self._header_timeout_s), "header")
 
     def on_message_complete(self) -> None:
         self._disarm()
