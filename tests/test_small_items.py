@@ -3,6 +3,7 @@ the not-found cache and start-up refusal of nonsensical config values."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -130,3 +131,21 @@ def test_a_server_with_a_bad_value_exits_2_with_a_message_naming_the_key(tmp_pat
     assert result.returncode == 2
     assert "database.max_group_size" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_call_waiting_for_another_callers_migration_gives_up_at_its_bound(
+    pg_dsn: str,
+) -> None:
+    from coupon.config import DatabaseConfig
+    from coupon.errors import StoreUnavailable
+    from coupon.store.postgres import PostgresStore
+
+    store = PostgresStore(DatabaseConfig(dsn=pg_dsn, call_timeout_s=0.2))
+    # A first migration that never ends (the lock its callers queue on is held meanwhile).
+    await store._migration_lock.acquire()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.issue_coupon(str(uuid.uuid4()), IssueRequest()), 30)
+        assert not await asyncio.wait_for(store.is_ready(), 30)
+    finally:
+        store._migration_lock.release()

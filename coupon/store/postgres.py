@@ -235,7 +235,16 @@ class PostgresStore:
         """
         if self._migrated:
             return
-        async with self._migration_lock:
+        # Callers queue here while one of them migrates: each waits at most its own bound,
+        # not one connect_timeout_s per caller ahead of it.
+        try:
+            async with asyncio.timeout(
+                wait_s if wait_s is not None else self.config.call_timeout_s
+            ):
+                await self._migration_lock.acquire()
+        except TimeoutError:
+            raise StoreUnavailable() from None
+        try:
             if self._migrated:
                 return
             # Unbounded: a migration may take longer than a call (it holds its lock meanwhile).
@@ -243,6 +252,8 @@ class PostgresStore:
                 await apply_migrations(conn)
             self._migrated = True
             log.info("postgres store ready: schema up to date")
+        finally:
+            self._migration_lock.release()
 
     @contextlib.asynccontextmanager
     async def _connection(
