@@ -174,3 +174,14 @@ async def test_drain_waits_for_queued_groups() -> None:
     await drained
     assert task.done()
     assert task.result() == 20
+
+
+async def test_a_groups_own_timeout_error_reaches_its_callers() -> None:
+    async def slow_driver(key: str, group: Group[int, int]) -> Sequence[int | BaseException]:
+        group.claim()
+        raise TimeoutError("the driver timed out")
+
+    for wait_s in (None, 30.0):
+        runner: GroupRunner[str, int, int] = GroupRunner(slow_driver, 8, wait_s=wait_s)
+        with pytest.raises(TimeoutError, match="the driver timed out"):
+            await asyncio.wait_for(runner.submit("c", 1), 30)

@@ -117,23 +117,33 @@ class GroupRunner(Generic[K, Req, Res]):
         if queue.writer is None:
             queue.writer = asyncio.create_task(self._write_groups(key, queue))
         while True:
-            try:
-                # shield: a caller that goes away must not cancel the group's transaction
-                # for the others.
-                if waiting.claimed:
+            if waiting.claimed:
+                try:
+                    # shield: a caller that goes away must not cancel the group's transaction
+                    # for the others.
                     return await asyncio.shield(future)
-                async with asyncio.timeout_at(deadline):
+                except asyncio.CancelledError:
+                    if future.cancelled():
+                        raise
+                    # The transaction may commit this caller's code, so the caller waits for
+                    # it and answers with it (asyncio delivers a cancellation once).
+                    continue
+            bound = asyncio.timeout_at(deadline)
+            try:
+                async with bound:
                     return await asyncio.shield(future)
             except TimeoutError:
-                if not waiting.claimed:
-                    self._leave(queue, waiting)
-                    raise self._on_wait_exceeded() from None
+                if not bound.expired():
+                    raise  # the group's own error, not this caller's bound
+                if waiting.claimed:
+                    continue  # claimed as the bound passed: its outcome is the answer
+                self._leave(queue, waiting)
+                raise self._on_wait_exceeded() from None
             except asyncio.CancelledError:
-                if not waiting.claimed:
-                    self._leave(queue, waiting)
-                    raise
-                # Claimed: the transaction may commit this caller's code, so the caller
-                # waits for it and answers with it (asyncio delivers a cancellation once).
+                if waiting.claimed:
+                    continue
+                self._leave(queue, waiting)
+                raise
 
     @staticmethod
     def _leave(queue: _Queue[Req, Res], waiting: _Waiting[Req, Res]) -> None:

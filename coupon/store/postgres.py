@@ -34,7 +34,7 @@ from coupon.store.cache import BoundedCache
 from coupon.store.grouping import Group, GroupRunner
 from coupon.store.migrations import apply_migrations
 from coupon.store.pg_commit import GroupTrace, answers_after, commit_status, sever_at
-from coupon.store.pg_issuance import CampaignFacts, GroupOutcome, issue_group
+from coupon.store.pg_issuance import CampaignFacts, issue_group
 from coupon.store.queries import queries
 
 if TYPE_CHECKING:
@@ -306,8 +306,9 @@ class PostgresStore:
         Answers without a query when the answer is certain: a campaign this process saw sold
         out stays sold out (for calls with neither user nor key, which cannot hold an earlier
         code, while its end is more than `start_margin_s` away: from then on ENDED is the
-        answer), and a start instant more than `start_margin_s` away by this host's clock has
-        not come yet. Near either boundary the database clock decides.
+        answer), and a start instant more than `start_margin_s` away has not come yet. Both are
+        reckoned by the database clock as this process knows it (its own clock plus the skew
+        last measured); near either boundary the database decides.
         """
         cid = uuid.UUID(campaign_id)
         # This host's clock, corrected by the database clock's measured skew.
@@ -345,7 +346,10 @@ class PostgresStore:
                 if trace.pending is None or trace.xid is None:
                     raise  # failed before COMMIT: nothing of this group is stored
                 outcome = trace.pending
-                outcome.results = await self._resolve_commit(trace.xid, trace.pending)
+                committed = await self._commit_landed(trace.xid)
+                outcome.results = answers_after(outcome, committed)
+                # Only a landed commit sold the campaign out.
+                outcome.sold_out = outcome.sold_out and committed is True
         if trace.db_now is not None:
             self._learn_skew(trace.db_now, began)
         if outcome.facts is not None:
@@ -356,10 +360,9 @@ class PostgresStore:
             self._not_found.put(cid, True)
         return outcome.results
 
-    async def _resolve_commit(
-        self, xid: str, pending: GroupOutcome
-    ) -> list[IssuedCoupon | CouponError]:
-        """The connection broke during COMMIT: learn on a fresh connection whether it landed."""
+    async def _commit_landed(self, xid: str) -> bool | None:
+        """The connection broke during COMMIT: learn on a fresh connection whether it landed
+        (None: it could not be learnt within connect_timeout_s)."""
 
         async def connect() -> AsyncConnection[Any]:
             return await psycopg.AsyncConnection.connect(
@@ -373,7 +376,7 @@ class PostgresStore:
                 committed
             ],
         )
-        return answers_after(pending, committed)
+        return committed
 
     async def get_campaign(
         self, campaign_id: str, after_seq: int, limit: int, *, brand: str | None
