@@ -60,7 +60,11 @@ async def test_a_frozen_postgres_gives_unavailable_within_the_bound_then_service
     tmp_path: Path, dedicated_pg: DedicatedPostgres
 ) -> None:
     dedicated_pg.start()
-    extra = {"database": {"call_timeout_s": CALL_TIMEOUT_S}}
+    extra = {
+        "database": {"call_timeout_s": CALL_TIMEOUT_S},
+        # Keep-alive is not on trial (a CPU-starved client could reuse a just-closed one).
+        "server": {"keepalive_timeout_s": 60, "header_timeout_s": 60},
+    }
     with ServerProcess(tmp_path, dedicated_pg.dsn, workers=1, extra=extra) as server:
         server.wait_for("/readyz", 200)
         campaign_id = create_campaign(server.base_url, 1_000_000)

@@ -36,7 +36,12 @@ async def test_a_storm_through_pgbouncer_in_transaction_mode_is_exact(
     with PgBouncer(pg_dsn, pool_size=4) as bouncer:
         with psycopg.connect(bouncer.dsn, prepare_threshold=None) as conn:
             row = conn.execute("SHOW statement_timeout").fetchone()
-        extra = {"database": {"session_options": False, "pool_max_size": 8}}
+        extra = {
+            "database": {"session_options": False, "pool_max_size": 8},
+            # A client starved of CPU for seconds (the suite shares 2 cores) could otherwise
+            # reuse a kept-alive connection the server just closed: keep-alive is not on trial.
+            "server": {"keepalive_timeout_s": 60, "header_timeout_s": 60},
+        }
         with ServerProcess(tmp_path, bouncer.dsn, workers=2, extra=extra) as server:
             server.wait_for("/readyz", 200)
             campaign_id = create_campaign(server.base_url, TOTAL)
