@@ -63,7 +63,9 @@ class Storm:
                         headers["Connect-Timeout-Ms"] = str(self.rng.randint(0, deadline_ms))
                     timeout: Any = httpx.USE_CLIENT_DEFAULT
                     if client_timeout_s is not None:
-                        timeout = self.rng.uniform(0.001, client_timeout_s)
+                        # Only the wait for the answer is cut short: the request is sent,
+                        # then the client hangs up.
+                        timeout = httpx.Timeout(30, read=self.rng.uniform(0.001, client_timeout_s))
                     await self._one(http, headers, timeout)
 
             await asyncio.gather(*(client() for _ in range(CLIENTS)))
@@ -225,9 +227,12 @@ async def test_clients_that_disconnect_are_never_issued_a_code_the_server_did_no
         f"\ndisconnecting clients ({kind}): {CALLS} calls with client timeouts 1..30 ms:"
         f" {storm.classes()}; server answered with a code {answered}, issued {issued},"
         f" stored {len(codes)}, received by clients {received}"
-        f" (lost in transit after the answer: {answered - received})"
+        f" (answered but not received, the client having hung up after its transaction"
+        f" began: {answered - received}; left before it began, nothing issued:"
+        f" {CALLS - answered})"
     )
-    assert storm.left() >= LOCK_UNTIL_LEFT
+    # Memory has no queue to hold: its clients hang up while their call runs, if at all.
+    assert storm.left() >= (LOCK_UNTIL_LEFT if store_dsn is not None else 1)
     assert answered == issued == len(codes)
     assert set(storm.codes) <= set(codes)
     assert "Traceback" not in log
