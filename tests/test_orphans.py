@@ -231,8 +231,10 @@ async def test_clients_that_disconnect_are_never_issued_a_code_the_server_did_no
         f" began: {answered - received}; left before it began, nothing issued:"
         f" {CALLS - answered})"
     )
-    # Memory has no queue to hold: its clients hang up while their call runs, if at all.
-    assert storm.left() >= (LOCK_UNTIL_LEFT if store_dsn is not None else 1)
+    if store_dsn is not None:
+        # (Memory has no queue to hold: its clients hang up while their call runs, if at all,
+        # and the server's count must still equal what it issued.)
+        assert storm.left() >= LOCK_UNTIL_LEFT
     assert answered == issued == len(codes)
     assert set(storm.codes) <= set(codes)
     assert "Traceback" not in log
