@@ -20,7 +20,12 @@ SELECT version FROM schema_migrations;
 INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s);
 
 -- name: ping
-SELECT 1;
+-- The database clock too: this host's clock skew from it is learnt on every check.
+SELECT now();
+
+-- name: xact_status
+-- committed / aborted / in progress (NULL: older than the wraparound horizon).
+SELECT pg_xact_status(%(xid)s::xid8);
 
 -- name: create_campaign
 -- With the campaign, its 16 redemption counter rows (see migration 0002).
@@ -59,7 +64,9 @@ SET issued = c.issued + LEAST(%(wanted)s, c.total - c.issued)
 FROM locked
 WHERE c.id = locked.id
 RETURNING locked.before, c.issued, c.total, c.start_time, now(),
-    c.end_time, c.discount_percent_off, c.discount_currency, c.discount_minor_units;
+    c.end_time, c.discount_percent_off, c.discount_currency, c.discount_minor_units,
+    -- The transaction's id, for resolving a COMMIT whose answer was lost (pg_commit.py).
+    pg_current_xact_id()::text;
 
 -- name: give_back
 -- Positions taken for users who turned out to hold a code already; same transaction, so
