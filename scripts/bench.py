@@ -16,6 +16,9 @@ scripts/wrk/issue.lua, and ends it by its PID. Configurations (--only picks amon
             next to the same server with them off (P1 on vs off, in the same run)
 - pgbench:  one conditional increment + insert per transaction, 64 clients (baseline for
             the Postgres rows)
+- redeem:   RedeemCoupon on Postgres, 2 workers: codes issued beforehand (not measured), each
+            request redeems a fresh one (scripts/wrk/redeem.lua); the campaign's redeemedCount
+            afterwards is checked against the acknowledged calls
 
 Postgres comes from --dsn or, without it, a throw-away pgserver (pip package). Rows that cannot
 run say why ("not measured: ...") in the output and in the report. Every figure is the median of
@@ -25,6 +28,7 @@ run say why ("not measured: ...") in the output and in the report. Every figure 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime as dt
 import importlib.metadata
@@ -51,14 +55,20 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "scripts" / "wrk" / "issue.lua"
+REDEEM_LUA = ROOT / "scripts" / "wrk" / "redeem.lua"
 ECHO = ROOT / "scripts" / "echo_server.py"
 SERVICE = "/coupon.CouponService"
-CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "webhooks", "pgbench")
+CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "webhooks", "pgbench", "redeem")
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789"
 RECEIVER = ROOT / "scripts" / "webhook_receiver.py"
 CONNECTIONS = (64, 256)
 POSTGRES_CONNECTIONS = (64, 128, 256)  # 128: the grouping target of issue #5 (2 workers)
 LARGE_CAMPAIGN = 10_000_000  # limits.max_total: no run here comes near selling it out
+REDEEM_CONNECTIONS = 64
+# Codes issued before each RedeemCoupon run, per second of --duration: well above the rate a
+# 2-core machine redeems, so a run never wraps around its codes (the row's note would say so).
+REDEEM_CODES_PER_S = 3_000
+SEED_THREADS = 32
 PGBENCH_CLIENTS = 64
 PGBENCH_SQL = """\
 WITH c AS (
@@ -195,11 +205,24 @@ def coupon_server_command(
     return [sys.executable, "-m", "coupon.server", "--config", str(path)]
 
 
-def run_wrk(url: str, campaign_id: str, connections: int, duration_s: int) -> dict[str, Any]:
-    threads = max(1, min(os.cpu_count() or 1, connections))
+def wrk_threads(connections: int) -> int:
+    return max(1, min(os.cpu_count() or 1, connections))
+
+
+def run_wrk(
+    url: str,
+    campaign_id: str,
+    connections: int,
+    duration_s: int,
+    *,
+    method: str = "IssueCoupon",
+    script: Path = LUA,
+    script_args: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    threads = wrk_threads(connections)
     command = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
-        "-s", str(LUA), url + SERVICE + "/IssueCoupon", "--", campaign_id,
+        "-s", str(script), url + SERVICE + "/" + method, "--", *(script_args or (campaign_id,)),
     ]  # fmt: skip
     try:
         done = subprocess.run(
@@ -271,6 +294,64 @@ def measure_http(
             f"  {row.label} run {run + 1}/{args.runs}: {sample.rate:,.0f}/s "
             f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms {note}"
         )
+
+
+def measure_redeem(
+    base_url: str, row: Row, connections: int, args: argparse.Namespace, workdir: Path
+) -> None:
+    """RedeemCoupon, one fresh code per request; the codes are issued before the clock starts."""
+    for run in range(args.runs):
+        wanted = REDEEM_CODES_PER_S * args.duration
+        status, body = rpc(
+            base_url, "CreateCampaign", {"name": "redeem", "total": wanted}, args.token
+        )
+        if status != 200:
+            raise BenchError(f"CreateCampaign answered HTTP {status}: {body}")
+        campaign_id = body["campaignId"]
+        codes = seed_codes(base_url, campaign_id, wanted)
+        codes_file = workdir / f"codes-{run}.txt"
+        codes_file.write_text("\n".join(codes) + "\n", encoding="utf-8")
+        result = run_wrk(
+            base_url, campaign_id, connections, args.duration, method="RedeemCoupon",
+            script=REDEEM_LUA, script_args=(str(codes_file), str(wrk_threads(connections))),
+        )  # fmt: skip
+        seconds = result["duration_us"] / 1e6
+        _, page = rpc(
+            base_url, "GetCampaign", {"campaignId": campaign_id, "pageSize": 1}, args.token
+        )
+        redeemed = int(page.get("redeemedCount", 0))
+        acknowledged = result["requests"] - result["non2xx"]
+        note = ""
+        socket_errors = sum(result[k] for k in ("connect", "read", "write", "timeout"))
+        if socket_errors:
+            note = f"{socket_errors} socket errors"
+        if result["requests"] > len(codes):
+            note += f" codes ran out: {result['requests']} requests for {len(codes)} codes!"
+        # wrk stops counting at the deadline with up to `connections` calls still in flight,
+        # which the server completes: those are redeemed without being acknowledged here.
+        if not acknowledged <= redeemed <= acknowledged + connections:
+            note += f" {acknowledged} acknowledged but {redeemed} redeemed!"
+        sample = Sample(
+            acknowledged / seconds, result["p50_us"] / 1000, result["p99_us"] / 1000, note
+        )
+        row.samples.append(sample)
+        log(
+            f"  {row.label} run {run + 1}/{args.runs}: {sample.rate:,.0f}/s "
+            f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms {note}"
+        )
+
+
+def seed_codes(base_url: str, campaign_id: str, count: int) -> list[str]:
+    """Issue `count` codes with concurrent IssueCoupon calls; raise if any call fails."""
+
+    def one(_: int) -> str:
+        status, body = rpc(base_url, "IssueCoupon", {"campaignId": campaign_id}, "")
+        if status != 200:
+            raise BenchError(f"seeding codes: IssueCoupon answered HTTP {status}: {body}")
+        return str(body["code"])
+
+    with concurrent.futures.ThreadPoolExecutor(SEED_THREADS) as pool:
+        return list(pool.map(one, range(count)))
 
 
 def issuance_transactions(base_url: str) -> float:
@@ -453,6 +534,11 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
         add("soldout-pg1@256", "sold-out storm, postgres, 1 worker, c=256",
             "sold-out answers/s", "echo@256", kind="coupon", store="postgres", workers=1,
             conns=256, campaign="soldout")  # fmt: skip
+    if "redeem" in only:
+        add(f"redeem-pg2@{REDEEM_CONNECTIONS}",
+            f"RedeemCoupon, postgres, 2 worker(s), c={REDEEM_CONNECTIONS}", "redeemed/s",
+            "pgbench", kind="coupon", store="postgres", workers=2, conns=REDEEM_CONNECTIONS,
+            campaign="redeem")  # fmt: skip
     if "pgbench" in only:
         add("pgbench", f"pgbench baseline, {PGBENCH_CLIENTS} clients", "tx/s", None,
             kind="pgbench")  # fmt: skip
@@ -464,7 +550,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
     info = machine()
     pg: Postgres | None = None
     pg_problem = ""
-    if only & {"postgres", "soldout", "pgbench", "webhooks"}:
+    if only & {"postgres", "soldout", "pgbench", "redeem", "webhooks"}:
         try:
             pg = provision_postgres(args, workdir)
             info["PostgreSQL"] = pg.version
@@ -521,6 +607,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                     for row, how in members:
                         log(f"{row.label}:")
                         try:
+                            if how.get("campaign") == "redeem":
+                                measure_redeem(base_url, row, how["conns"], args, workdir)
+                                continue
                             measure_http(base_url, row, how["conns"], args, how.get(
                                 "campaign", "echo"))  # fmt: skip
                         except BenchError as e:
@@ -559,6 +648,10 @@ def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, argv
         f"wrk -t{os.cpu_count()} -c<64|256> -d{args.duration}s --timeout 10s "
         "-s scripts/wrk/issue.lua http://127.0.0.1:<port>/coupon.CouponService/IssueCoupon "
         "-- <campaign-id>",
+        "# RedeemCoupon row (codes issued beforehand, outside the timed run, one per line):",
+        f"wrk -t<n> -c{REDEEM_CONNECTIONS} -d{args.duration}s --timeout 10s "
+        "-s scripts/wrk/redeem.lua http://127.0.0.1:<port>/coupon.CouponService/RedeemCoupon "
+        "-- <codes file> <n>",
         "# servers: python -m coupon.server --config <tmp yaml>  |  "
         "python scripts/echo_server.py --port <port>",
         f"pgbench -n -c {PGBENCH_CLIENTS} -j {os.cpu_count()} -T {args.duration} "

@@ -32,7 +32,7 @@ class ServerProcess:
         *,
         name: str = "server",
         shutdown_timeout_s: int | None = None,
-        extra_config: dict[str, object] | None = None,
+        extra: dict[str, dict[str, object]] | None = None,
         role: str = "server",
     ) -> None:
         self.port = free_port()
@@ -49,7 +49,10 @@ class ServerProcess:
         }
         if dsn is not None:
             config["database"] = {"dsn": dsn, "connect_timeout_s": 1, "pool_min_size": 1}
-        config.update(extra_config or {})
+        for section, values in (extra or {}).items():
+            merged = dict(config.get(section) or {})  # type: ignore[call-overload]
+            merged.update(values)
+            config[section] = merged
         self.role = role
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self._process: subprocess.Popen[bytes] | None = None

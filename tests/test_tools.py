@@ -87,13 +87,12 @@ def run_tool(command: list[str], timeout_s: float = 60) -> subprocess.CompletedP
     )
 
 
-def concurrency_check(url: str) -> subprocess.CompletedProcess[str]:
+def concurrency_check(*urls: str) -> subprocess.CompletedProcess[str]:
     return run_tool(
         [
             sys.executable,
             str(SCRIPTS / "concurrency_check.py"),
-            "--url",
-            url,
+            *(arg for url in urls for arg in ("--url", url)),
             "--requests",
             "300",
             "--total",
@@ -111,6 +110,16 @@ def test_concurrency_check_passes_against_the_server(real_server: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Issued: 20 codes, SoldOut: 280, Errors: 0" in done.stdout
     assert "OK: exactly 20 distinct codes" in done.stdout
+
+
+def test_concurrency_check_spreads_its_connections_over_every_url(real_server: str) -> None:
+    # Two servers with separate stores: the campaign exists only on the first, so the calls
+    # that reach the second answer not_found, which shows the second URL got its share.
+    with ServerThread(create_app(Config(), MemoryStore())) as other:
+        done = concurrency_check(real_server, other.base_url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "error HTTP 404 not_found" in done.stdout
+    assert "FAIL:" in done.stdout
 
 
 def test_concurrency_check_fails_against_an_overselling_server(overselling_server: str) -> None:
@@ -187,3 +196,36 @@ def test_bench_runs_the_echo_rows(tmp_path: Path) -> None:
     text = report.read_text()
     assert "| echo baseline, c=64 | echoes/s |" in text
     assert "not measured" not in text
+
+
+def test_bench_runs_the_redeem_row(tmp_path: Path, pg_dsn: str) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed; bench.py needs it: apt-get install -y wrk")
+    report = tmp_path / "bench.md"
+    done = run_tool(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench.py"),
+            "--only",
+            "redeem",
+            "--dsn",
+            pg_dsn,
+            "--duration",
+            "1",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--output",
+            str(report),
+            "--chart",
+            str(tmp_path / "bench.png"),
+        ],
+        timeout_s=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = [line for line in report.read_text().splitlines() if line.startswith("| Redeem")]
+    print(f"\n{row}")
+    assert row.startswith("| RedeemCoupon, postgres, 2 worker(s), c=64 | redeemed/s | ")
+    assert "not measured" not in row
+    assert "!" not in row  # a violation note: codes ran out, or counts that disagree

@@ -110,7 +110,7 @@ async def test_every_committed_change_arrives_through_failures_and_an_outage(
         await conn.execute(ROLLBACK_TRIGGER)
     with (
         Receiver(SECRET, fail_first=5) as receiver,
-        ServerProcess(tmp_path, pg_dsn, workers=2, extra_config=hooks_config(receiver)) as server,
+        ServerProcess(tmp_path, pg_dsn, workers=2, extra=hooks_config(receiver)) as server,
     ):
         server.wait_for("/readyz", 200)
         limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
@@ -216,9 +216,9 @@ async def test_sigkill_of_server_and_delivery_process_mid_post_loses_no_event(
 ):
     with Receiver(SECRET) as receiver:
         hooks = hooks_config(receiver, deliver_in_server=False)
-        server = ServerProcess(tmp_path, pg_dsn, workers=1, extra_config=hooks, name="server1")
+        server = ServerProcess(tmp_path, pg_dsn, workers=1, extra=hooks, name="server1")
         sender = ServerProcess(
-            tmp_path, pg_dsn, workers=1, extra_config=hooks, name="webhooks1", role="webhooks"
+            tmp_path, pg_dsn, workers=1, extra=hooks, name="webhooks1", role="webhooks"
         )
         receiver.release.clear()  # POSTs are held open: deliveries are in flight
         with server, sender:
@@ -242,9 +242,9 @@ async def test_sigkill_of_server_and_delivery_process_mid_post_loses_no_event(
             in_flight_left = await outbox_left(pg_dsn)
         receiver.release.set()  # the held POSTs now answer a sender that is gone
         before_restart = receiver.distinct_events()
-        server2 = ServerProcess(tmp_path, pg_dsn, workers=1, extra_config=hooks, name="server2")
+        server2 = ServerProcess(tmp_path, pg_dsn, workers=1, extra=hooks, name="server2")
         sender2 = ServerProcess(
-            tmp_path, pg_dsn, workers=1, extra_config=hooks, name="webhooks2", role="webhooks"
+            tmp_path, pg_dsn, workers=1, extra=hooks, name="webhooks2", role="webhooks"
         )
         with server2, sender2:
             server2.wait_for("/readyz", 200)
@@ -279,7 +279,7 @@ async def test_a_dead_letter_is_listed_and_delivered_after_retry(tmp_path: Path,
     with Receiver(SECRET) as receiver:
         receiver.go_down()
         hooks = hooks_config(receiver, max_attempts=2, retry_initial_s=0.05, retry_max_s=0.05)
-        with ServerProcess(tmp_path, pg_dsn, workers=1, extra_config=hooks) as server:
+        with ServerProcess(tmp_path, pg_dsn, workers=1, extra=hooks) as server:
             server.wait_for("/readyz", 200)
             async with httpx.AsyncClient(
                 base_url=server.base_url, timeout=30, headers=JSON

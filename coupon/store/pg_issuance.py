@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
     from coupon.campaigns import Discount, IssueRequest
+    from coupon.store.pg_commit import GroupTrace
 
 # A collision needs two equal 134-bit codes; more than a few rounds means a bug, not bad luck.
 MAX_CODE_ROUNDS = 8
@@ -87,6 +88,7 @@ async def issue_group(
     sql: Mapping[str, str],
     campaign_id: uuid.UUID,
     requests: Sequence[IssueRequest],
+    trace: GroupTrace | None = None,
     *,
     on_issued: IssuedRecorder | None = None,
 ) -> GroupOutcome:
@@ -98,7 +100,9 @@ async def issue_group(
         taken = await cursor.fetchone()
         if taken is None:
             return await _explain_refusal(conn, sql, campaign_id, requests, results)
-        before, after, total, start_time, now, end_time, *discount = taken
+        before, after, total, start_time, now, end_time, *discount, xid = taken
+        if trace is not None:
+            trace.xid, trace.db_now = xid, now
         facts = CampaignFacts(total, start_time, end_time, discount_of(*discount))
         outcome = GroupOutcome(results=[], facts=facts)
 
@@ -123,7 +127,9 @@ async def issue_group(
             issued = [(code, claim.user_id) for code, claim in zip(codes, winners, strict=True)]
             await on_issued(conn, campaign_id, issued, now)
         outcome.sold_out = after - unused >= total
-    outcome.results = _complete(results)
+        outcome.results = _complete(results)
+        if trace is not None:
+            trace.pending = outcome  # from here on, COMMIT decides
     return outcome
 
 
