@@ -53,7 +53,7 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
 def _run_command(args: argparse.Namespace, config: Config) -> int:
     from coupon.webhooks.pg_outbox import PgOutbox, list_dead, retry_dead
 
-    outbox = PgOutbox(config.webhooks, config.database.dsn)
+    outbox = PgOutbox(config.webhooks, config.database)
     if args.action == "list-dead":
         jobs = asyncio.run(list_dead(outbox))
         print("job_id\tattempts\tevents\tfirst_event_time\tendpoint")
@@ -107,7 +107,7 @@ async def _deliver_until_stopped(config: Config) -> int:
             config.database.dsn, autocommit=True, connect_timeout=config.database.connect_timeout_s
         ) as conn:
             await apply_migrations(conn)
-    worker = PgDeliveryWorker(PgOutbox(config.webhooks, config.database.dsn))
+    worker = PgDeliveryWorker(PgOutbox(config.webhooks, config.database))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for stop_signal in (signal.SIGTERM, signal.SIGINT):

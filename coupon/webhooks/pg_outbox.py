@@ -20,6 +20,7 @@ from procrastinate import App, PsycopgConnector, RetryDecision
 from procrastinate.retry import BaseRetryStrategy
 
 from coupon import metrics
+from coupon.store.postgres import connection_kwargs
 from coupon.webhooks.delivery import Backoff, Deliverer, DeliveryFailed, endpoints_for
 from coupon.webhooks.events import ISSUED, REDEEMED, REDEMPTION_CANCELLED, Event, new_event
 from coupon.webhooks.pg_schema import webhook_queries
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from procrastinate.types import JSONValue
     from psycopg import AsyncConnection
 
-    from coupon.config import WebhooksConfig
+    from coupon.config import DatabaseConfig, WebhooksConfig
 
 log = logging.getLogger("coupon.webhooks")
 
@@ -61,16 +62,19 @@ class _RetryOnBackoff(BaseRetryStrategy):
 class PgOutbox:
     """Writes events on the caller's connection (inside its transaction) and delivers jobs."""
 
-    def __init__(self, config: WebhooksConfig, dsn: str) -> None:
+    def __init__(self, config: WebhooksConfig, database: DatabaseConfig) -> None:
         self.config = config
         self._endpoints = {e.url: e for e in config.endpoints}
         self._sql = webhook_queries()
+        # The store's session settings (timeouts, keepalives, no prepared statements for
+        # PgBouncer); procrastinate sets autocommit itself where it needs it.
+        kwargs = {k: v for k, v in connection_kwargs(database).items() if k != "autocommit"}
         self.app = App(
             connector=PsycopgConnector(
-                conninfo=dsn,
+                conninfo=database.dsn,
                 min_size=1,
                 max_size=config.concurrency + 2,  # + the LISTEN and fetch connections
-                kwargs={"application_name": "coupon-webhooks"},
+                kwargs={**kwargs, "application_name": "coupon-webhooks"},
                 name="coupon-webhooks",
             )
         )

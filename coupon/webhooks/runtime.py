@@ -44,7 +44,7 @@ def build_webhooks(config: Config) -> Webhooks:
     if config.store.type == "postgres":
         from coupon.webhooks.pg_outbox import PgOutbox
 
-        return Webhooks(postgres=PgOutbox(hooks, config.database.dsn))
+        return Webhooks(postgres=PgOutbox(hooks, config.database))
     backoff = Backoff(hooks.retry_initial_s, hooks.retry_max_s, hooks.max_attempts)
     return Webhooks(
         memory=MemoryOutbox(
