@@ -7,6 +7,7 @@ one the handler sees, and concurrent calls never see each other's.
 
 from __future__ import annotations
 
+import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -32,3 +33,11 @@ def current_caller() -> Caller:
 
 def set_caller(caller: Caller) -> None:
     _current.set(caller)
+
+
+class CallerFilter(logging.Filter):
+    """Adds `caller` (the key's name, never the token) to every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.caller = _current.get().name
+        return True

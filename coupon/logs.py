@@ -7,6 +7,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from coupon.caller import CallerFilter
 from coupon.request_ids import RequestIdFilter
 
 
@@ -20,6 +21,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
+            "caller": getattr(record, "caller", "-"),
         }
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
@@ -31,18 +33,20 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
     formatter: dict[str, Any] = (
         {"()": JsonFormatter}
         if log_format == "json"
-        else {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}
+        else {
+            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s %(caller)s] %(message)s"
+        }
     )
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
-        "filters": {"request_id": {"()": RequestIdFilter}},
+        "filters": {"request_id": {"()": RequestIdFilter}, "caller": {"()": CallerFilter}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
-                "filters": ["request_id"],
+                "filters": ["request_id", "caller"],
                 "stream": "ext://sys.stderr",
             }
         },
