@@ -3,7 +3,9 @@ the method table checked against the generated service descriptor."""
 
 from __future__ import annotations
 
+import contextvars
 import itertools
+import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +14,10 @@ import pytest
 
 from coupon.app import create_app
 from coupon.auth import METHOD_ROLES, PUBLIC_METHODS, roles_for
+from coupon.caller import Caller, CallerFilter, set_caller
 from coupon.gen.coupon_connect import CouponService
+from coupon.logs import JsonFormatter
+from coupon.store.memory import MemoryStore
 from coupon.store.postgres import PostgresStore
 from tests.auth_support import KEYS, bearer, jwt_config, locked_auth, rsa_pair
 from tests.support import JSON, SERVICE, ServerThread, wait_until_healthy
@@ -30,7 +35,7 @@ def test_every_method_of_the_service_is_classified_exactly_once() -> None:
     methods = {method.name for method in CouponService.desc().methods}
     assert methods == PUBLIC_METHODS | set(METHOD_ROLES)
     assert not PUBLIC_METHODS & set(METHOD_ROLES)
-    assert PUBLIC_METHODS == {"IssueCoupon"}
+    assert {"IssueCoupon"} == PUBLIC_METHODS
 
 
 def test_a_method_nobody_classified_is_for_admins_only() -> None:
@@ -140,9 +145,7 @@ class World:
         body: dict[str, Any]
         if method == "CreateCampaign":
             body = {"name": "matrix", "total": 5}
-        elif method == "IssueCoupon":
-            body = {"campaignId": self.campaign_a}
-        elif method == "GetCampaign":
+        elif method == "IssueCoupon" or method == "GetCampaign":
             body = {"campaignId": self.campaign_a}
         elif method == "ListCampaigns":
             body = {"pageSize": 100}
@@ -170,7 +173,7 @@ async def postgres_v2_missing(store: Store) -> bool:
         await store.get_coupon("가나다라마바사아자1", brand=None)
     except NotImplementedError:
         return True
-    except Exception:  # noqa: BLE001 - any answer (not found) means the method exists
+    except Exception:  # any answer (such as not found) means the method exists
         return False
     return False
 
@@ -181,7 +184,7 @@ async def test_permission_matrix(store: Store, http: httpx.AsyncClient, keypair:
     world = World(http, keypair)
     await world.setup()
     seen = {method: [await world.cell(method, column) for column in COLUMNS] for method in EXPECTED}
-    width = max(map(len, COLUMNS + [OK, UNAUTH, DENIED, NOT_FOUND, HIDDEN]))
+    width = max(map(len, [*COLUMNS, OK, UNAUTH, DENIED, NOT_FOUND, HIDDEN]))
     lines = [" " * 17 + " ".join(c.ljust(width) for c in COLUMNS)]
     lines += [f"{m:<17}" + " ".join(c.ljust(width) for c in row) for m, row in seen.items()]
     print(f"\npermission matrix ({type(store).__name__}):\n" + "\n".join(lines))
@@ -232,3 +235,41 @@ async def test_a_brand_key_works_inside_its_brand_only(
         assert status == 200
         assert wanted <= ids
         assert not ({world.campaign_a, world.campaign_b} - wanted) & ids
+
+
+async def test_the_key_name_reaches_metrics_and_logs_and_the_token_never_does(
+    config: Config, keypair: KeyPair, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = create_app(locked_config(config, keypair, tmp_path), MemoryStore())
+    with ServerThread(app) as server:
+        async with httpx.AsyncClient(base_url=server.base_url, headers=JSON) as http:
+            await check_names_in_metrics_and_logs(http, caplog)
+
+
+async def check_names_in_metrics_and_logs(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = KEYS["acme-admin"][0]
+    status, _ = await rpc(http, "CreateCampaign", {"name": "m", "total": 1}, bearer(token))
+    assert status == 200
+    status, _ = await rpc(http, "ListCampaigns", {}, bearer(KEYS["acme-checkout"][0]))
+    assert status == 403
+    metrics = (await http.get("/metrics")).text
+    assert 'code="ok",key="acme-admin",method="CreateCampaign"' in metrics
+    assert 'code="permission_denied",key="acme-checkout",method="ListCampaigns"' in metrics
+    assert "by=acme-admin" in caplog.text
+    assert token not in caplog.text
+    assert token not in metrics
+
+
+def test_log_lines_carry_the_callers_key_name() -> None:
+    record = logging.LogRecord("coupon.x", logging.INFO, __file__, 1, "hello", (), None)
+    context = contextvars.copy_context()
+
+    def as_acme() -> None:
+        set_caller(Caller(name="acme-admin", role="admin", brand="acme"))
+        CallerFilter().filter(record)
+
+    context.run(as_acme)
+    assert '"caller": "acme-admin"' in JsonFormatter().format(record)
