@@ -32,6 +32,7 @@ class ServerProcess:
         *,
         name: str = "server",
         shutdown_timeout_s: int | None = None,
+        auth: dict[str, object] | None = None,
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -47,6 +48,8 @@ class ServerProcess:
         }
         if dsn is not None:
             config["database"] = {"dsn": dsn, "connect_timeout_s": 1, "pool_min_size": 1}
+        if auth is not None:
+            config["auth"] = auth
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self._process: subprocess.Popen[bytes] | None = None
 
