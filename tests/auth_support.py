@@ -48,6 +48,8 @@ class KeyPair:
     algorithm: str
     private_pem: bytes
     public_pem: bytes
+    # The key object signs: PyJWT given PEM bytes parses (and for RSA checks) them every time.
+    private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
     def write_public(self, directory: Path) -> Path:
         path = directory / f"{self.algorithm.lower()}-public.pem"
@@ -61,7 +63,7 @@ class KeyPair:
         if sub is not None:
             body["sub"] = sub
         body.update(claims)
-        return jwt.encode(body, self.private_pem, algorithm=self.algorithm)
+        return jwt.encode(body, self.private_key, algorithm=self.algorithm)
 
 
 def rsa_pair() -> KeyPair:
@@ -76,6 +78,7 @@ def ec_pair() -> KeyPair:
 def _pair(algorithm: str, private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> KeyPair:
     return KeyPair(
         algorithm=algorithm,
+        private_key=private,
         private_pem=private.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,

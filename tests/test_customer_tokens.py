@@ -235,7 +235,7 @@ def test_a_jwks_file_picks_the_key_by_kid(rsa: KeyPair, ec: KeyPair, tmp_path: P
 
     def signed(pair: KeyPair, kid: str, sub: str) -> str:
         claims = {"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 60}
-        return jwt.encode(claims, pair.private_pem, algorithm=pair.algorithm, headers={"kid": kid})
+        return jwt.encode(claims, pair.private_key, algorithm=pair.algorithm, headers={"kid": kid})
 
     assert tokens.user_id(signed(rsa, "rsa-1", "gina")) == "gina"
     assert tokens.user_id(signed(ec, "ec-1", "hank")) == "hank"

@@ -187,3 +187,25 @@ def test_bench_runs_the_echo_rows(tmp_path: Path) -> None:
     text = report.read_text()
     assert "| echo baseline, c=64 | echoes/s |" in text
     assert "not measured" not in text
+
+
+def test_bench_runs_the_jwt_rows(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed; bench.py needs it: apt-get install -y wrk")
+    report = tmp_path / "bench.md"
+    done = run_tool(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench.py"),
+            *("--only", "jwt", "--duration", "1", "--runs", "1", "--warmup", "0"),
+            *("--jwt-customers", "50", "--output", str(report)),
+            *("--chart", str(tmp_path / "bench.png")),
+        ]
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = report.read_text()
+    for label in ("no-JWT customers (userId)", "RS256 customers", "ES256 customers"):
+        assert f"| {label}, retrying, memory, c=64 | answers/s |" in text
+    assert "x no-JWT customers" in text
+    assert "not measured" not in text
+    assert "50 codes for" in text  # every customer got one code, however often it called
