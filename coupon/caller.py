@@ -24,11 +24,12 @@ class Caller:
 # acts as an all-brands admin. The auth interceptor replaces this for every call otherwise.
 OPEN_ACCESS = Caller(name="open", role="admin", brand=None)
 
-_current: ContextVar[Caller] = ContextVar("coupon_caller", default=OPEN_ACCESS)
+# No default on the variable itself, so log lines written outside any call can tell.
+_current: ContextVar[Caller] = ContextVar("coupon_caller")
 
 
 def current_caller() -> Caller:
-    return _current.get()
+    return _current.get(OPEN_ACCESS)
 
 
 def set_caller(caller: Caller) -> None:
@@ -39,5 +40,6 @@ class CallerFilter(logging.Filter):
     """Adds `caller` (the key's name, never the token) to every log record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.caller = _current.get().name
+        caller = _current.get(None)
+        record.caller = "-" if caller is None else caller.name
         return True

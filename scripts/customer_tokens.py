@@ -8,16 +8,15 @@ per simulated customer, `sub` = that customer's user id.
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-if TYPE_CHECKING:
-    import argparse
 
 DEFAULT_ISSUER = "https://login.example.com"
 DEFAULT_AUDIENCE = "coupon-issuer"
@@ -77,3 +76,21 @@ def minter_from(args: argparse.Namespace) -> Minter | None:
     if not args.jwt_key:
         return None
     return Minter(args.jwt_key, args.jwt_alg, args.jwt_issuer, args.jwt_audience)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python scripts/customer_tokens.py --jwt-key KEY USER`: print a token for USER (tests)."""
+    parser = argparse.ArgumentParser(description="Print a customer's JWT (for testing).")
+    add_arguments(parser)
+    parser.add_argument("--ttl-s", type=int, default=3600, help="seconds until the token expires")
+    parser.add_argument("user_id", help="the customer's user id (the token's sub)")
+    args = parser.parse_args(argv)
+    if not args.jwt_key:
+        parser.error("--jwt-key (or $COUPON_JWT_KEY_FILE) is required")
+    minter = Minter(args.jwt_key, args.jwt_alg, args.jwt_issuer, args.jwt_audience, args.ttl_s)
+    print(minter.token(args.user_id))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
