@@ -167,20 +167,7 @@ class World:
         return outcome
 
 
-async def postgres_v2_missing(store: Store) -> bool:
-    """Whether the PostgreSQL store still lacks the v2 methods (helper lifecycle, issue 9)."""
-    try:
-        await store.get_coupon("가나다라마바사아자1", brand=None)
-    except NotImplementedError:
-        return True
-    except Exception:  # any answer (such as not found) means the method exists
-        return False
-    return False
-
-
 async def test_permission_matrix(store: Store, http: httpx.AsyncClient, keypair: KeyPair) -> None:
-    if isinstance(store, PostgresStore) and await postgres_v2_missing(store):
-        pytest.xfail("PostgreSQL v2 methods (issue 9) are not on this branch yet")
     world = World(http, keypair)
     await world.setup()
     seen = {method: [await world.cell(method, column) for column in COLUMNS] for method in EXPECTED}
@@ -194,8 +181,6 @@ async def test_permission_matrix(store: Store, http: httpx.AsyncClient, keypair:
 async def test_a_brand_key_works_inside_its_brand_only(
     store: Store, http: httpx.AsyncClient, keypair: KeyPair
 ) -> None:
-    if isinstance(store, PostgresStore) and await postgres_v2_missing(store):
-        pytest.xfail("PostgreSQL v2 methods (issue 9) are not on this branch yet")
     world = World(http, keypair)
     await world.setup()
     acme, globex = bearer(KEYS["acme-admin"][0]), bearer(KEYS["globex-admin"][0])
