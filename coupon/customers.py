@@ -36,6 +36,7 @@ _RSA = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC = frozenset({"ES256", "ES384", "ES512"})
 _OKP = frozenset({"EdDSA"})
 _HMAC = frozenset({"HS256", "HS384", "HS512"})
+_EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 _FAMILY_BY_JWK_TYPE = {"RSA": _RSA, "EC": _EC, "OKP": _OKP}
 
 CACHE_SIZE = 20_000  # verified tokens remembered, at most (under 1 KiB each)
@@ -124,7 +125,7 @@ class CustomerTokens:
             raise Unauthenticated(f"the customer token has no {e.claim} claim") from None
         except jwt.InvalidAlgorithmError:
             raise Unauthenticated("the customer token's algorithm is not accepted") from None
-        except (jwt.InvalidTokenError, jwt.PyJWKError, ValueError, TypeError):
+        except (jwt.PyJWTError, ValueError, TypeError):
             # Forged, tampered, malformed: the client learns no more than that.
             raise Unauthenticated("the customer token is not valid") from None
         return claims
@@ -157,7 +158,9 @@ def _public_key_file(config: JwtConfig) -> _Key:
     if isinstance(key, rsa.RSAPublicKey):
         family, kind = _RSA, "an RSA"
     elif isinstance(key, ec.EllipticCurvePublicKey):
-        family, kind = _EC, "an EC"
+        # Each ES algorithm is bound to one curve (ES256: P-256 ...).
+        family = frozenset(a for a, curve in _EC_CURVES.items() if curve == key.curve.name)
+        kind = f"an EC ({key.curve.name})"
     elif isinstance(key, ed25519.Ed25519PublicKey):
         family, kind = _OKP, "an Ed25519"
     else:

@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.asymmetric import ec as elliptic
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 
 from coupon.app import create_app
 from coupon.config import ConfigError, JwtConfig
@@ -265,6 +270,7 @@ def test_an_hs256_secret_comes_from_the_environment(tmp_path: Path) -> None:
         ("missing file", "cannot read"),
         ("not a key", "PEM public key"),
         ("EC key, RS256 only", "verifies none of"),
+        ("P-384 key, ES256 only", "verifies none of"),
     ],
 )
 def test_a_key_file_that_cannot_serve_stops_start_up(
@@ -275,5 +281,9 @@ def test_a_key_file_that_cannot_serve_stops_start_up(
         path.write_text("hello\n")
     elif what == "EC key, RS256 only":
         path.write_bytes(ec.public_pem)
+    elif what == "P-384 key, ES256 only":
+        public = elliptic.generate_private_key(elliptic.SECP384R1()).public_key()
+        path.write_bytes(public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    algorithms = ("ES256",) if what.startswith("P-384") else ("RS256",)
     with pytest.raises(ConfigError, match=message):
-        CustomerTokens(jwt_config(path, algorithms=("RS256",)), {})
+        CustomerTokens(jwt_config(path, algorithms=algorithms), {})
