@@ -23,7 +23,7 @@ from tests.auth_support import AUDIENCE, ISSUER, KEYS, jwt_config, locked_auth, 
 from tests.support import ServerThread
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
     from starlette.types import Receive, Scope, Send
 
@@ -89,13 +89,12 @@ def run_tool(command: list[str], timeout_s: float = 60) -> subprocess.CompletedP
     )
 
 
-def concurrency_check(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def concurrency_check(*urls: str, extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     return run_tool(
         [
             sys.executable,
             str(SCRIPTS / "concurrency_check.py"),
-            "--url",
-            url,
+            *(arg for url in urls for arg in ("--url", url)),
             "--requests",
             "300",
             "--total",
@@ -114,6 +113,16 @@ def test_concurrency_check_passes_against_the_server(real_server: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Issued: 20 codes, SoldOut: 280, Errors: 0" in done.stdout
     assert "OK: exactly 20 distinct codes" in done.stdout
+
+
+def test_concurrency_check_spreads_its_connections_over_every_url(real_server: str) -> None:
+    # Two servers with separate stores: the campaign exists only on the first, so the calls
+    # that reach the second answer not_found, which shows the second URL got its share.
+    with ServerThread(create_app(Config(), MemoryStore())) as other:
+        done = concurrency_check(real_server, other.base_url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "error HTTP 404 not_found" in done.stdout
+    assert "FAIL:" in done.stdout
 
 
 def test_concurrency_check_fails_against_an_overselling_server(overselling_server: str) -> None:
@@ -234,10 +243,10 @@ def test_concurrency_check_runs_against_a_locked_server(
     locked_server: tuple[str, list[str]],
 ) -> None:
     url, flags = locked_server
-    done = concurrency_check(url, *flags)
+    done = concurrency_check(url, extra=flags)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Issued: 20 codes, SoldOut: 280, Errors: 0" in done.stdout
-    refused = concurrency_check(url, *flags[:2])  # the admin key, but no customers' tokens
+    refused = concurrency_check(url, extra=flags[:2])  # the admin key, but no customers' tokens
     assert "HTTP 401 unauthenticated" in refused.stdout, refused.stdout + refused.stderr
 
 
