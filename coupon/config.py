@@ -45,6 +45,10 @@ class DatabaseConfig:
     pool_min_size: int = 2
     pool_max_size: int = 10
     connect_timeout_s: int = 5
+    # After a failed connection attempt the pool tries once more this much later, then frees
+    # the slot so that the next call starts a fresh attempt: after a failover or a restart the
+    # service reconnects within about this long of the database accepting writes again.
+    reconnect_timeout_s: float = 0.5
     max_group_size: int = 256  # IssueCoupon calls of one campaign per transaction, at most
     start_margin_s: float = 2.0  # refuse "not started" without a query only this far ahead
 
@@ -188,6 +192,8 @@ def _check(config: Config) -> None:
         raise ConfigError("limits.max_total must be between 1 and 2147483647")
     if config.limits.max_request_bytes < 1024:
         raise ConfigError("limits.max_request_bytes must be at least 1024")
+    if not 0 < config.database.reconnect_timeout_s <= 300:
+        raise ConfigError("database.reconnect_timeout_s must be above 0 and at most 300")
     if (
         config.database.pool_min_size < 1
         or config.database.pool_max_size < config.database.pool_min_size
