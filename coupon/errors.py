@@ -1,11 +1,13 @@
 """Domain errors: what can go wrong when running a campaign, independent of transport.
 
-Each subclass's docstring is its default message, which the client sees.
+Each subclass's docstring is its default message, which the client sees. A subclass with a
+`reason` is a refusal a client program acts on: the reason reaches it machine-readably
+(coupon.rpc_errors sends it as a google.rpc.ErrorInfo detail).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -13,6 +15,8 @@ if TYPE_CHECKING:
 
 class CouponError(Exception):
     """The coupon service could not complete the request."""
+
+    reason: ClassVar[str | None] = None
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
@@ -29,17 +33,65 @@ class InvalidArgument(CouponError):
 class CampaignNotFound(CouponError):
     """No campaign has that id."""
 
+    reason = "CAMPAIGN_NOT_FOUND"
+
+
+class CouponNotFound(CouponError):
+    """No coupon has that code."""
+
+    reason = "COUPON_NOT_FOUND"
+
 
 class CampaignNotStarted(CouponError):
     """The campaign has not started yet."""
+
+    reason = "NOT_STARTED"
 
     def __init__(self, starts_at: datetime) -> None:
         self.starts_at = starts_at
         super().__init__(f"the campaign starts at {starts_at.isoformat()}")
 
 
+class CampaignEnded(CouponError):
+    """The campaign has ended: it issues no more coupons."""
+
+    reason = "ENDED"
+
+
+class CouponExpired(CouponError):
+    """The coupon has expired: its campaign has ended."""
+
+    reason = "EXPIRED"
+
+
 class SoldOut(CouponError):
     """Every coupon of this campaign has been issued."""
+
+    reason = "SOLD_OUT"
+
+
+class AlreadyRedeemed(CouponError):
+    """The coupon is redeemed by another order."""
+
+    reason = "ALREADY_REDEEMED"
+
+
+class NotHolder(CouponError):
+    """The coupon is not redeemed by this order, so this order cannot cancel it."""
+
+    reason = "NOT_HOLDER"
+
+
+class UserMismatch(CouponError):
+    """The coupon was issued to another user."""
+
+    reason = "USER_MISMATCH"
+
+
+class IdempotencyKeyReused(CouponError):
+    """This idempotency key was already used for another user."""
+
+    reason = "IDEMPOTENCY_KEY_REUSED"
 
 
 class StoreUnavailable(CouponError):
@@ -47,8 +99,8 @@ class StoreUnavailable(CouponError):
 
 
 class Unauthenticated(CouponError):
-    """This call needs an admin token: Authorization: Bearer <token>."""
+    """This call needs a credential: Authorization: Bearer <token>."""
 
 
 class PermissionDenied(CouponError):
-    """The admin token is not valid."""
+    """The credential does not allow this call."""

@@ -1,5 +1,8 @@
 """The one place where domain errors become Connect errors.
 
+A refusal with a reason carries it as a google.rpc.ErrorInfo detail (domain "coupon"), which
+Connect and gRPC clients decode from the error; the message stays for people.
+
 Anything else that escapes a handler is a bug: its traceback goes to the server log and the
 client gets a generic `internal` error, so no driver message, SQL or DSN ever leaves the process.
 """
@@ -13,6 +16,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from coupon import errors
+from coupon.gen.google.rpc.error_details_pb import ErrorInfo
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -24,10 +28,19 @@ log = logging.getLogger("coupon.rpc")
 REQ = TypeVar("REQ")
 RES = TypeVar("RES")
 
+ERROR_DOMAIN = "coupon"
+
 CONNECT_CODE_BY_ERROR: dict[type[errors.CouponError], Code] = {
     errors.InvalidArgument: Code.INVALID_ARGUMENT,
     errors.CampaignNotFound: Code.NOT_FOUND,
+    errors.CouponNotFound: Code.NOT_FOUND,
     errors.CampaignNotStarted: Code.FAILED_PRECONDITION,
+    errors.CampaignEnded: Code.FAILED_PRECONDITION,
+    errors.CouponExpired: Code.FAILED_PRECONDITION,
+    errors.AlreadyRedeemed: Code.FAILED_PRECONDITION,
+    errors.NotHolder: Code.FAILED_PRECONDITION,
+    errors.UserMismatch: Code.FAILED_PRECONDITION,
+    errors.IdempotencyKeyReused: Code.FAILED_PRECONDITION,
     errors.SoldOut: Code.RESOURCE_EXHAUSTED,
     errors.StoreUnavailable: Code.UNAVAILABLE,
     errors.Unauthenticated: Code.UNAUTHENTICATED,
@@ -39,7 +52,10 @@ def to_connect_error(error: errors.CouponError) -> ConnectError:
     for error_type in type(error).__mro__:
         code = CONNECT_CODE_BY_ERROR.get(error_type)
         if code is not None:
-            return ConnectError(code, error.message)
+            if error.reason is None:
+                return ConnectError(code, error.message)
+            detail = ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
+            return ConnectError(code, error.message, details=[detail])
     return ConnectError(Code.INTERNAL, "internal error")
 
 

@@ -20,8 +20,8 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
         timeout=60,
     )
     committed = ROOT / "coupon" / "gen"
-    fresh = sorted(p.name for p in tmp_path.glob("*.py"))
-    assert fresh == sorted(p.name for p in committed.glob("*.py"))
+    fresh = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.py"))
+    assert fresh == sorted(str(p.relative_to(committed)) for p in committed.rglob("*.py"))
     for name in fresh:
         assert (tmp_path / name).read_text() == (committed / name).read_text(), (
             f"coupon/gen/{name} is stale: run scripts/generate.sh and commit the result"

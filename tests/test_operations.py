@@ -153,7 +153,7 @@ async def test_the_connect_timeout_header_is_honoured(config: Config) -> None:
     release = asyncio.Event()
 
     class SlowStore(MemoryStore):
-        async def issue_coupon(self, campaign_id: str, user_id: str | None) -> Any:
+        async def issue_coupon(self, campaign_id: str, request: Any) -> Any:
             await release.wait()  # never set: only the deadline can end this call
             raise AssertionError("unreachable")
 

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 import coupon.store.pg_issuance as pg_issuance
-from coupon.campaigns import NewCampaign
+from coupon.campaigns import IssueRequest, NewCampaign
 from coupon.clock import ManualClock
 from coupon.config import DatabaseConfig
 from coupon.errors import CampaignNotStarted, SoldOut, StoreUnavailable
@@ -62,9 +62,9 @@ async def test_start_instant_is_decided_by_the_database_clock(pg_dsn: str):
         created = await pg.create_campaign(campaign(5, start_time=db_now + timedelta(hours=1)))  # type: ignore[operator]
 
         with pytest.raises(CampaignNotStarted):
-            await pg.issue_coupon(created.id, None)
+            await pg.issue_coupon(created.id, IssueRequest())
         await sql(pg_dsn, "UPDATE campaigns SET start_time = now() WHERE id = %s", created.id)
-        issued = await pg.issue_coupon(created.id, None)
+        issued = await pg.issue_coupon(created.id, IssueRequest())
 
     assert issued.code
     assert (await sql(pg_dsn, "SELECT issued FROM campaigns"))[0] == (1,)
@@ -75,7 +75,8 @@ async def test_migrations_twice_are_a_no_op_and_concurrent_runs_are_safe(pg_dsn:
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         assert await apply_migrations(conn) == []
 
-    await sql(pg_dsn, "DROP TABLE coupons, campaigns, schema_migrations")
+    # Back to an empty database, whatever later migrations add.
+    await sql(pg_dsn, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     conns = [await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) for _ in range(6)]
     try:
         applied = await asyncio.gather(*(apply_migrations(c) for c in conns))
@@ -94,7 +95,7 @@ async def test_concurrent_issuance_passes_the_sql_audit(pg: PostgresStore, pg_ds
 
     async def issue(campaign_id: str) -> str | None:
         try:
-            return (await pg.issue_coupon(campaign_id, None)).code
+            return (await pg.issue_coupon(campaign_id, IssueRequest())).code
         except SoldOut:
             return None
 
@@ -112,12 +113,12 @@ async def test_code_collision_is_retried_with_a_fresh_code(
 ):
     first = await pg.create_campaign(campaign(3))
     second = await pg.create_campaign(campaign(3))
-    taken = (await pg.issue_coupon(first.id, None)).code
+    taken = (await pg.issue_coupon(first.id, IssueRequest())).code
     fresh = "가나다라마바사아자0"
     draws = iter([taken, taken, fresh])
     monkeypatch.setattr(pg_issuance, "new_code", lambda: next(draws))
 
-    issued = await pg.issue_coupon(second.id, None)
+    issued = await pg.issue_coupon(second.id, IssueRequest())
 
     assert issued.code == fresh
     assert await audit(pg_dsn) == []
@@ -128,7 +129,9 @@ async def test_code_collision_is_retried_with_a_fresh_code(
 async def test_concurrent_calls_of_one_user_consume_exactly_one(pg: PostgresStore, pg_dsn: str):
     created = await pg.create_campaign(campaign(5))
 
-    results = await asyncio.gather(*(pg.issue_coupon(created.id, "alice") for _ in range(20)))
+    results = await asyncio.gather(
+        *(pg.issue_coupon(created.id, IssueRequest(user_id="alice")) for _ in range(20))
+    )
 
     assert len({r.code for r in results}) == 1
     assert (await sql(pg_dsn, "SELECT issued FROM campaigns"))[0] == (1,)
@@ -137,12 +140,12 @@ async def test_concurrent_calls_of_one_user_consume_exactly_one(pg: PostgresStor
 
 async def test_a_holder_gets_the_code_back_when_sold_out(pg: PostgresStore):
     created = await pg.create_campaign(campaign(2))
-    held = await pg.issue_coupon(created.id, "alice")
-    await pg.issue_coupon(created.id, None)
+    held = await pg.issue_coupon(created.id, IssueRequest(user_id="alice"))
+    await pg.issue_coupon(created.id, IssueRequest())
 
-    assert (await pg.issue_coupon(created.id, "alice")).code == held.code
+    assert (await pg.issue_coupon(created.id, IssueRequest(user_id="alice"))).code == held.code
     with pytest.raises(SoldOut):
-        await pg.issue_coupon(created.id, "bob")
+        await pg.issue_coupon(created.id, IssueRequest(user_id="bob"))
 
 
 async def test_paging_during_issuance_returns_every_code_once_in_order(
@@ -157,7 +160,7 @@ async def test_paging_during_issuance_returns_every_code_once_in_order(
 
         async def one() -> None:
             async with sem:
-                await pg.issue_coupon(created.id, None)
+                await pg.issue_coupon(created.id, IssueRequest())
 
         await asyncio.gather(*(one() for _ in range(total)))
         done.set()
@@ -167,7 +170,7 @@ async def test_paging_during_issuance_returns_every_code_once_in_order(
         after = 0
         while True:
             finished = done.is_set()  # read before the page: a page after it sees everything
-            page = await pg.get_campaign(created.id, after, 250)
+            page = await pg.get_campaign(created.id, after, 250, brand=None)
             seen.extend(page.codes)
             after = page.last_seq
             if finished and not page.has_more:
@@ -198,8 +201,8 @@ async def test_no_dsn_or_password_in_logs_or_errors(caplog: pytest.LogCaptureFix
         errors = [str(caught.value)]
         store._migrated = True  # reach the pool itself, past the readiness gate
         for call in (
-            store.issue_coupon("0b9a6a4e-64a4-4f3e-9c39-3a0c3b3c0f8e", None),
-            store.get_campaign("0b9a6a4e-64a4-4f3e-9c39-3a0c3b3c0f8e", 0, 10),
+            store.issue_coupon("0b9a6a4e-64a4-4f3e-9c39-3a0c3b3c0f8e", IssueRequest()),
+            store.get_campaign("0b9a6a4e-64a4-4f3e-9c39-3a0c3b3c0f8e", 0, 10, brand=None),
         ):
             with pytest.raises(StoreUnavailable) as caught:
                 await call

@@ -19,7 +19,7 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from protobuf import DescService
 
 from . import coupon_pb
-from .coupon_pb import CreateCampaignRequest, CreateCampaignResponse, GetCampaignRequest, GetCampaignResponse, IssueCouponRequest, IssueCouponResponse
+from .coupon_pb import CancelRedemptionRequest, CancelRedemptionResponse, CreateCampaignRequest, CreateCampaignResponse, GetCampaignRequest, GetCampaignResponse, GetCouponRequest, GetCouponResponse, IssueCouponRequest, IssueCouponResponse, ListCampaignsRequest, ListCampaignsResponse, RedeemCouponRequest, RedeemCouponResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -33,7 +33,11 @@ if TYPE_CHECKING:
 class CouponService(Protocol):
     """
     CouponService runs first-come-first-served coupon campaigns: a campaign hands
-    out exactly `total` unique codes, none before its start instant.
+    out exactly `total` unique codes, none before its start instant, and each code
+    can then be validated, redeemed once at checkout and given back.
+
+    Refusals with a reason carry a google.rpc.ErrorInfo error detail (domain
+    "coupon"): see proto/google/rpc/error_details.proto and the README.
     """
     async def create_campaign(self, request: CreateCampaignRequest, ctx: RequestContext[CreateCampaignRequest, CreateCampaignResponse], /) -> CreateCampaignResponse:
         """
@@ -50,6 +54,30 @@ class CouponService(Protocol):
     async def get_campaign(self, request: GetCampaignRequest, ctx: RequestContext[GetCampaignRequest, GetCampaignResponse], /) -> GetCampaignResponse:
         """
         GetCampaign shows a campaign and one page of the codes it issued.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_campaigns(self, request: ListCampaignsRequest, ctx: RequestContext[ListCampaignsRequest, ListCampaignsResponse], /) -> ListCampaignsResponse:
+        """
+        ListCampaigns lists the caller's brand's campaigns, newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_coupon(self, request: GetCouponRequest, ctx: RequestContext[GetCouponRequest, GetCouponResponse], /) -> GetCouponResponse:
+        """
+        GetCoupon validates a code without changing it.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def redeem_coupon(self, request: RedeemCouponRequest, ctx: RequestContext[RedeemCouponRequest, RedeemCouponResponse], /) -> RedeemCouponResponse:
+        """
+        RedeemCoupon uses a code for one order; the same order again gets the same answer.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def cancel_redemption(self, request: CancelRedemptionRequest, ctx: RequestContext[CancelRedemptionRequest, CancelRedemptionResponse], /) -> CancelRedemptionResponse:
+        """
+        CancelRedemption gives a redeemed code back (the order was cancelled).
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -104,6 +132,50 @@ class CouponServiceASGIApplication(ConnectASGIApplication[CouponService]):
                     ),
                     function=svc.get_campaign,
                 ),
+                "/coupon.CouponService/ListCampaigns": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListCampaigns",
+                        service_name="coupon.CouponService",
+                        input=ListCampaignsRequest,
+                        output=ListCampaignsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_campaigns,
+                ),
+                "/coupon.CouponService/GetCoupon": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetCoupon",
+                        service_name="coupon.CouponService",
+                        input=GetCouponRequest,
+                        output=GetCouponResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_coupon,
+                ),
+                "/coupon.CouponService/RedeemCoupon": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RedeemCoupon",
+                        service_name="coupon.CouponService",
+                        input=RedeemCouponRequest,
+                        output=RedeemCouponResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.redeem_coupon,
+                ),
+                "/coupon.CouponService/CancelRedemption": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CancelRedemption",
+                        service_name="coupon.CouponService",
+                        input=CancelRedemptionRequest,
+                        output=CancelRedemptionResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.cancel_redemption,
+                ),
             },
             interceptors=interceptors,
             read_max_bytes=read_max_bytes,
@@ -120,7 +192,11 @@ class CouponServiceASGIApplication(ConnectASGIApplication[CouponService]):
 class CouponServiceClient(ConnectClient):
     """
     CouponService runs first-come-first-served coupon campaigns: a campaign hands
-    out exactly `total` unique codes, none before its start instant.
+    out exactly `total` unique codes, none before its start instant, and each code
+    can then be validated, redeemed once at checkout and given back.
+
+    Refusals with a reason carry a google.rpc.ErrorInfo error detail (domain
+    "coupon"): see proto/google/rpc/error_details.proto and the README.
     """
     async def create_campaign(
         self,
@@ -193,11 +269,111 @@ class CouponServiceClient(ConnectClient):
             timeout_ms=timeout_ms,
             use_get=use_get,
         )
+    async def list_campaigns(
+        self,
+        request: ListCampaignsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> ListCampaignsResponse:
+        """
+        ListCampaigns lists the caller's brand's campaigns, newest first.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListCampaigns",
+                service_name="coupon.CouponService",
+                input=ListCampaignsRequest,
+                output=ListCampaignsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+    async def get_coupon(
+        self,
+        request: GetCouponRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> GetCouponResponse:
+        """
+        GetCoupon validates a code without changing it.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetCoupon",
+                service_name="coupon.CouponService",
+                input=GetCouponRequest,
+                output=GetCouponResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+    async def redeem_coupon(
+        self,
+        request: RedeemCouponRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RedeemCouponResponse:
+        """
+        RedeemCoupon uses a code for one order; the same order again gets the same answer.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RedeemCoupon",
+                service_name="coupon.CouponService",
+                input=RedeemCouponRequest,
+                output=RedeemCouponResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def cancel_redemption(
+        self,
+        request: CancelRedemptionRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CancelRedemptionResponse:
+        """
+        CancelRedemption gives a redeemed code back (the order was cancelled).
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CancelRedemption",
+                service_name="coupon.CouponService",
+                input=CancelRedemptionRequest,
+                output=CancelRedemptionResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class CouponServiceSync(Protocol):
     """
     CouponService runs first-come-first-served coupon campaigns: a campaign hands
-    out exactly `total` unique codes, none before its start instant.
+    out exactly `total` unique codes, none before its start instant, and each code
+    can then be validated, redeemed once at checkout and given back.
+
+    Refusals with a reason carry a google.rpc.ErrorInfo error detail (domain
+    "coupon"): see proto/google/rpc/error_details.proto and the README.
     """
     def create_campaign(self, request: CreateCampaignRequest, ctx: RequestContext[CreateCampaignRequest, CreateCampaignResponse], /) -> CreateCampaignResponse:
         """
@@ -214,6 +390,30 @@ class CouponServiceSync(Protocol):
     def get_campaign(self, request: GetCampaignRequest, ctx: RequestContext[GetCampaignRequest, GetCampaignResponse], /) -> GetCampaignResponse:
         """
         GetCampaign shows a campaign and one page of the codes it issued.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_campaigns(self, request: ListCampaignsRequest, ctx: RequestContext[ListCampaignsRequest, ListCampaignsResponse], /) -> ListCampaignsResponse:
+        """
+        ListCampaigns lists the caller's brand's campaigns, newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_coupon(self, request: GetCouponRequest, ctx: RequestContext[GetCouponRequest, GetCouponResponse], /) -> GetCouponResponse:
+        """
+        GetCoupon validates a code without changing it.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def redeem_coupon(self, request: RedeemCouponRequest, ctx: RequestContext[RedeemCouponRequest, RedeemCouponResponse], /) -> RedeemCouponResponse:
+        """
+        RedeemCoupon uses a code for one order; the same order again gets the same answer.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def cancel_redemption(self, request: CancelRedemptionRequest, ctx: RequestContext[CancelRedemptionRequest, CancelRedemptionResponse], /) -> CancelRedemptionResponse:
+        """
+        CancelRedemption gives a redeemed code back (the order was cancelled).
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -266,6 +466,50 @@ class CouponServiceWSGIApplication(ConnectWSGIApplication):
                     ),
                     function=service.get_campaign,
                 ),
+                "/coupon.CouponService/ListCampaigns": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListCampaigns",
+                        service_name="coupon.CouponService",
+                        input=ListCampaignsRequest,
+                        output=ListCampaignsResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_campaigns,
+                ),
+                "/coupon.CouponService/GetCoupon": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetCoupon",
+                        service_name="coupon.CouponService",
+                        input=GetCouponRequest,
+                        output=GetCouponResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_coupon,
+                ),
+                "/coupon.CouponService/RedeemCoupon": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RedeemCoupon",
+                        service_name="coupon.CouponService",
+                        input=RedeemCouponRequest,
+                        output=RedeemCouponResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.redeem_coupon,
+                ),
+                "/coupon.CouponService/CancelRedemption": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CancelRedemption",
+                        service_name="coupon.CouponService",
+                        input=CancelRedemptionRequest,
+                        output=CancelRedemptionResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.cancel_redemption,
+                ),
             },
             interceptors=interceptors,
             read_max_bytes=read_max_bytes,
@@ -282,7 +526,11 @@ class CouponServiceWSGIApplication(ConnectWSGIApplication):
 class CouponServiceClientSync(ConnectClientSync):
     """
     CouponService runs first-come-first-served coupon campaigns: a campaign hands
-    out exactly `total` unique codes, none before its start instant.
+    out exactly `total` unique codes, none before its start instant, and each code
+    can then be validated, redeemed once at checkout and given back.
+
+    Refusals with a reason carry a google.rpc.ErrorInfo error detail (domain
+    "coupon"): see proto/google/rpc/error_details.proto and the README.
     """
     def create_campaign(
         self,
@@ -354,4 +602,100 @@ class CouponServiceClientSync(ConnectClientSync):
             headers=headers,
             timeout_ms=timeout_ms,
             use_get=use_get,
+        )
+    def list_campaigns(
+        self,
+        request: ListCampaignsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> ListCampaignsResponse:
+        """
+        ListCampaigns lists the caller's brand's campaigns, newest first.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListCampaigns",
+                service_name="coupon.CouponService",
+                input=ListCampaignsRequest,
+                output=ListCampaignsResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+    def get_coupon(
+        self,
+        request: GetCouponRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> GetCouponResponse:
+        """
+        GetCoupon validates a code without changing it.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetCoupon",
+                service_name="coupon.CouponService",
+                input=GetCouponRequest,
+                output=GetCouponResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+    def redeem_coupon(
+        self,
+        request: RedeemCouponRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RedeemCouponResponse:
+        """
+        RedeemCoupon uses a code for one order; the same order again gets the same answer.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RedeemCoupon",
+                service_name="coupon.CouponService",
+                input=RedeemCouponRequest,
+                output=RedeemCouponResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def cancel_redemption(
+        self,
+        request: CancelRedemptionRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CancelRedemptionResponse:
+        """
+        CancelRedemption gives a redeemed code back (the order was cancelled).
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CancelRedemption",
+                service_name="coupon.CouponService",
+                input=CancelRedemptionRequest,
+                output=CancelRedemptionResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
         )

@@ -11,16 +11,86 @@ from __future__ import annotations
 
 from typing import Literal, TYPE_CHECKING, TypeAlias
 
-from protobuf import Message
+from protobuf import Enum, Message
 from protobuf._codegen import file_desc
 from protobuf.wkt.google.protobuf import timestamp_pb
 
 if TYPE_CHECKING:
-    from protobuf import DescFile
+    from protobuf import DescFile, Oneof
     from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 
-_CreateCampaignRequestFields: TypeAlias = Literal["name", "total", "start_time"]
+_MoneyFields: TypeAlias = Literal["currency", "minor_units"]
+
+class Money(Message[_MoneyFields]):
+    """
+    An amount of money in an ISO 4217 currency, in its minor units (cents, or won for KRW).
+
+    ```proto
+    message coupon.Money
+    ```
+
+    Attributes:
+        currency:
+            ISO 4217, for example "KRW"
+
+            ```proto
+            string currency = 1;
+            ```
+        minor_units:
+            > 0
+
+            ```proto
+            int64 minor_units = 2;
+            ```
+    """
+
+    __slots__ = ("currency", "minor_units")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            currency: str = "",
+            minor_units: int = 0,
+        ) -> None:
+            pass
+
+        currency: str
+        minor_units: int
+
+_DiscountFields: TypeAlias = Literal["percent_off", "amount_off"]
+
+class Discount(Message[_DiscountFields]):
+    """
+    What a code is worth at checkout.
+
+    ```proto
+    message coupon.Discount
+    ```
+
+    Attributes:
+        kind:
+            ```proto
+            oneof kind
+            ```
+    """
+
+    __slots__ = ("kind",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            kind: Oneof[Literal["percent_off"], int] | Oneof[Literal["amount_off"], Money] | None = None,
+        ) -> None:
+            pass
+
+        kind: Oneof[Literal["percent_off"], int] | Oneof[Literal["amount_off"], Money] | None
+
+_CreateCampaignRequestFields: TypeAlias = Literal["name", "total", "start_time", "end_time", "discount", "metadata", "brand"]
 
 class CreateCampaignRequest(Message[_CreateCampaignRequestFields]):
     """
@@ -47,9 +117,35 @@ class CreateCampaignRequest(Message[_CreateCampaignRequestFields]):
             ```proto
             optional google.protobuf.Timestamp start_time = 3;
             ```
+        end_time:
+            unset: never ends; else after start_time. From
+
+            ```proto
+            optional google.protobuf.Timestamp end_time = 4;
+            ```
+        discount:
+            end_time on: no issuance, no redemption
+
+            optional: what a code is worth at checkout
+
+            ```proto
+            optional coupon.Discount discount = 5;
+            ```
+        metadata:
+            <= 20 keys; key 1..40, value <= 500 characters
+
+            ```proto
+            map<string, string> metadata = 6;
+            ```
+        brand:
+            the owning brand; a brand-scoped key sets it
+
+            ```proto
+            string brand = 7;
+            ```
     """
 
-    __slots__ = ("name", "total", "start_time")
+    __slots__ = ("name", "total", "start_time", "end_time", "discount", "metadata", "brand")
 
     if TYPE_CHECKING:
 
@@ -59,12 +155,20 @@ class CreateCampaignRequest(Message[_CreateCampaignRequestFields]):
             name: str = "",
             total: int = 0,
             start_time: Timestamp | None = None,
+            end_time: Timestamp | None = None,
+            discount: Discount | None = None,
+            metadata: dict[str, str] | None = None,
+            brand: str = "",
         ) -> None:
             pass
 
         name: str
         total: int
         start_time: Timestamp | None
+        end_time: Timestamp | None
+        discount: Discount | None
+        metadata: dict[str, str]
+        brand: str
 
 _CreateCampaignResponseFields: TypeAlias = Literal["campaign_id"]
 
@@ -94,7 +198,7 @@ class CreateCampaignResponse(Message[_CreateCampaignResponseFields]):
 
         campaign_id: str
 
-_IssueCouponRequestFields: TypeAlias = Literal["campaign_id", "user_id"]
+_IssueCouponRequestFields: TypeAlias = Literal["campaign_id", "user_id", "idempotency_key"]
 
 class IssueCouponRequest(Message[_IssueCouponRequestFields]):
     """
@@ -108,14 +212,22 @@ class IssueCouponRequest(Message[_IssueCouponRequestFields]):
             string campaign_id = 1;
             ```
         user_id:
-            optional; when set: at most one coupon per user per campaign, and a
+            optional; at most one coupon per user per campaign; a repeat
 
             ```proto
             string user_id = 2;
             ```
+        idempotency_key:
+            returns that same code without consuming another
+
+            optional, 1..64 of [A-Za-z0-9_-]: a retry with the same key
+
+            ```proto
+            string idempotency_key = 3;
+            ```
     """
 
-    __slots__ = ("campaign_id", "user_id")
+    __slots__ = ("campaign_id", "user_id", "idempotency_key")
 
     if TYPE_CHECKING:
 
@@ -124,13 +236,15 @@ class IssueCouponRequest(Message[_IssueCouponRequestFields]):
             *,
             campaign_id: str = "",
             user_id: str = "",
+            idempotency_key: str = "",
         ) -> None:
             pass
 
         campaign_id: str
         user_id: str
+        idempotency_key: str
 
-_IssueCouponResponseFields: TypeAlias = Literal["code", "issued_at"]
+_IssueCouponResponseFields: TypeAlias = Literal["code", "issued_at", "expires_at", "discount"]
 
 class IssueCouponResponse(Message[_IssueCouponResponseFields]):
     """
@@ -147,9 +261,19 @@ class IssueCouponResponse(Message[_IssueCouponResponseFields]):
             ```proto
             optional google.protobuf.Timestamp issued_at = 2;
             ```
+        expires_at:
+            the campaign's end_time, if any
+
+            ```proto
+            optional google.protobuf.Timestamp expires_at = 3;
+            ```
+        discount:
+            ```proto
+            optional coupon.Discount discount = 4;
+            ```
     """
 
-    __slots__ = ("code", "issued_at")
+    __slots__ = ("code", "issued_at", "expires_at", "discount")
 
     if TYPE_CHECKING:
 
@@ -158,11 +282,15 @@ class IssueCouponResponse(Message[_IssueCouponResponseFields]):
             *,
             code: str = "",
             issued_at: Timestamp | None = None,
+            expires_at: Timestamp | None = None,
+            discount: Discount | None = None,
         ) -> None:
             pass
 
         code: str
         issued_at: Timestamp | None
+        expires_at: Timestamp | None
+        discount: Discount | None
 
 _GetCampaignRequestFields: TypeAlias = Literal["campaign_id", "page_size", "page_token"]
 
@@ -208,7 +336,7 @@ class GetCampaignRequest(Message[_GetCampaignRequestFields]):
         page_size: int
         page_token: str
 
-_GetCampaignResponseFields: TypeAlias = Literal["campaign_id", "name", "total", "start_time", "issued_codes", "issued_count", "next_page_token"]
+_GetCampaignResponseFields: TypeAlias = Literal["campaign_id", "name", "total", "start_time", "issued_codes", "issued_count", "next_page_token", "end_time", "discount", "metadata", "redeemed_count", "brand"]
 
 class GetCampaignResponse(Message[_GetCampaignResponseFields]):
     """
@@ -251,9 +379,31 @@ class GetCampaignResponse(Message[_GetCampaignResponseFields]):
             ```proto
             string next_page_token = 7;
             ```
+        end_time:
+            ```proto
+            optional google.protobuf.Timestamp end_time = 8;
+            ```
+        discount:
+            ```proto
+            optional coupon.Discount discount = 9;
+            ```
+        metadata:
+            ```proto
+            map<string, string> metadata = 10;
+            ```
+        redeemed_count:
+            codes redeemed now (cancelled ones not)
+
+            ```proto
+            int32 redeemed_count = 11;
+            ```
+        brand:
+            ```proto
+            string brand = 12;
+            ```
     """
 
-    __slots__ = ("campaign_id", "name", "total", "start_time", "issued_codes", "issued_count", "next_page_token")
+    __slots__ = ("campaign_id", "name", "total", "start_time", "issued_codes", "issued_count", "next_page_token", "end_time", "discount", "metadata", "redeemed_count", "brand")
 
     if TYPE_CHECKING:
 
@@ -267,6 +417,11 @@ class GetCampaignResponse(Message[_GetCampaignResponseFields]):
             issued_codes: list[str] | None = None,
             issued_count: int = 0,
             next_page_token: str = "",
+            end_time: Timestamp | None = None,
+            discount: Discount | None = None,
+            metadata: dict[str, str] | None = None,
+            redeemed_count: int = 0,
+            brand: str = "",
         ) -> None:
             pass
 
@@ -277,20 +432,601 @@ class GetCampaignResponse(Message[_GetCampaignResponseFields]):
         issued_codes: list[str]
         issued_count: int
         next_page_token: str
+        end_time: Timestamp | None
+        discount: Discount | None
+        metadata: dict[str, str]
+        redeemed_count: int
+        brand: str
+
+_ListCampaignsRequestFields: TypeAlias = Literal["page_size", "page_token"]
+
+class ListCampaignsRequest(Message[_ListCampaignsRequestFields]):
+    """
+    ```proto
+    message coupon.ListCampaignsRequest
+    ```
+
+    Attributes:
+        page_size:
+            0: default 100; max 1000
+
+            ```proto
+            int32 page_size = 1;
+            ```
+        page_token:
+            opaque; from next_page_token
+
+            ```proto
+            string page_token = 2;
+            ```
+    """
+
+    __slots__ = ("page_size", "page_token")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            page_size: int = 0,
+            page_token: str = "",
+        ) -> None:
+            pass
+
+        page_size: int
+        page_token: str
+
+_ListCampaignsResponseFields: TypeAlias = Literal["campaigns", "next_page_token"]
+
+class ListCampaignsResponse(Message[_ListCampaignsResponseFields]):
+    """
+    ```proto
+    message coupon.ListCampaignsResponse
+    ```
+
+    Attributes:
+        campaigns:
+            newest first; only the caller's brand
+
+            ```proto
+            repeated coupon.CampaignSummary campaigns = 1;
+            ```
+        next_page_token:
+            empty on the last page
+
+            ```proto
+            string next_page_token = 2;
+            ```
+    """
+
+    __slots__ = ("campaigns", "next_page_token")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            campaigns: list[CampaignSummary] | None = None,
+            next_page_token: str = "",
+        ) -> None:
+            pass
+
+        campaigns: list[CampaignSummary]
+        next_page_token: str
+
+_CampaignSummaryFields: TypeAlias = Literal["campaign_id", "name", "total", "issued_count", "redeemed_count", "start_time", "end_time", "discount", "brand"]
+
+class CampaignSummary(Message[_CampaignSummaryFields]):
+    """
+    ```proto
+    message coupon.CampaignSummary
+    ```
+
+    Attributes:
+        campaign_id:
+            ```proto
+            string campaign_id = 1;
+            ```
+        name:
+            ```proto
+            string name = 2;
+            ```
+        total:
+            ```proto
+            int32 total = 3;
+            ```
+        issued_count:
+            ```proto
+            int32 issued_count = 4;
+            ```
+        redeemed_count:
+            ```proto
+            int32 redeemed_count = 5;
+            ```
+        start_time:
+            ```proto
+            optional google.protobuf.Timestamp start_time = 6;
+            ```
+        end_time:
+            ```proto
+            optional google.protobuf.Timestamp end_time = 7;
+            ```
+        discount:
+            ```proto
+            optional coupon.Discount discount = 8;
+            ```
+        brand:
+            ```proto
+            string brand = 9;
+            ```
+    """
+
+    __slots__ = ("campaign_id", "name", "total", "issued_count", "redeemed_count", "start_time", "end_time", "discount", "brand")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            campaign_id: str = "",
+            name: str = "",
+            total: int = 0,
+            issued_count: int = 0,
+            redeemed_count: int = 0,
+            start_time: Timestamp | None = None,
+            end_time: Timestamp | None = None,
+            discount: Discount | None = None,
+            brand: str = "",
+        ) -> None:
+            pass
+
+        campaign_id: str
+        name: str
+        total: int
+        issued_count: int
+        redeemed_count: int
+        start_time: Timestamp | None
+        end_time: Timestamp | None
+        discount: Discount | None
+        brand: str
+
+_GetCouponRequestFields: TypeAlias = Literal["code"]
+
+class GetCouponRequest(Message[_GetCouponRequestFields]):
+    """
+    ```proto
+    message coupon.GetCouponRequest
+    ```
+
+    Attributes:
+        code:
+            ```proto
+            string code = 1;
+            ```
+    """
+
+    __slots__ = ("code",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            code: str = "",
+        ) -> None:
+            pass
+
+        code: str
+
+_GetCouponResponseFields: TypeAlias = Literal["code", "campaign_id", "user_id", "issued_at", "state", "redeemed_at", "order_id", "expires_at", "discount"]
+
+class GetCouponResponse(Message[_GetCouponResponseFields]):
+    """
+    ```proto
+    message coupon.GetCouponResponse
+    ```
+
+    Attributes:
+        code:
+            ```proto
+            string code = 1;
+            ```
+        campaign_id:
+            ```proto
+            string campaign_id = 2;
+            ```
+        user_id:
+            ```proto
+            string user_id = 3;
+            ```
+        issued_at:
+            ```proto
+            optional google.protobuf.Timestamp issued_at = 4;
+            ```
+        state:
+            ```proto
+            coupon.CouponState state = 5;
+            ```
+        redeemed_at:
+            ```proto
+            optional google.protobuf.Timestamp redeemed_at = 6;
+            ```
+        order_id:
+            ```proto
+            string order_id = 7;
+            ```
+        expires_at:
+            ```proto
+            optional google.protobuf.Timestamp expires_at = 8;
+            ```
+        discount:
+            ```proto
+            optional coupon.Discount discount = 9;
+            ```
+    """
+
+    __slots__ = ("code", "campaign_id", "user_id", "issued_at", "state", "redeemed_at", "order_id", "expires_at", "discount")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            code: str = "",
+            campaign_id: str = "",
+            user_id: str = "",
+            issued_at: Timestamp | None = None,
+            state: CouponState | None = None,
+            redeemed_at: Timestamp | None = None,
+            order_id: str = "",
+            expires_at: Timestamp | None = None,
+            discount: Discount | None = None,
+        ) -> None:
+            pass
+
+        code: str
+        campaign_id: str
+        user_id: str
+        issued_at: Timestamp | None
+        state: CouponState
+        redeemed_at: Timestamp | None
+        order_id: str
+        expires_at: Timestamp | None
+        discount: Discount | None
+
+_RedeemCouponRequestFields: TypeAlias = Literal["code", "order_id", "user_id"]
+
+class RedeemCouponRequest(Message[_RedeemCouponRequestFields]):
+    """
+    ```proto
+    message coupon.RedeemCouponRequest
+    ```
+
+    Attributes:
+        code:
+            ```proto
+            string code = 1;
+            ```
+        order_id:
+            required, 1..128 characters: the redemption's identity and
+
+            ```proto
+            string order_id = 2;
+            ```
+        user_id:
+            idempotency key
+
+            required when the code was issued to a user, and must match
+
+            ```proto
+            string user_id = 3;
+            ```
+    """
+
+    __slots__ = ("code", "order_id", "user_id")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            code: str = "",
+            order_id: str = "",
+            user_id: str = "",
+        ) -> None:
+            pass
+
+        code: str
+        order_id: str
+        user_id: str
+
+_RedeemCouponResponseFields: TypeAlias = Literal["code", "campaign_id", "order_id", "redeemed_at", "discount"]
+
+class RedeemCouponResponse(Message[_RedeemCouponResponseFields]):
+    """
+    ```proto
+    message coupon.RedeemCouponResponse
+    ```
+
+    Attributes:
+        code:
+            ```proto
+            string code = 1;
+            ```
+        campaign_id:
+            ```proto
+            string campaign_id = 2;
+            ```
+        order_id:
+            ```proto
+            string order_id = 3;
+            ```
+        redeemed_at:
+            ```proto
+            optional google.protobuf.Timestamp redeemed_at = 4;
+            ```
+        discount:
+            ```proto
+            optional coupon.Discount discount = 5;
+            ```
+    """
+
+    __slots__ = ("code", "campaign_id", "order_id", "redeemed_at", "discount")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            code: str = "",
+            campaign_id: str = "",
+            order_id: str = "",
+            redeemed_at: Timestamp | None = None,
+            discount: Discount | None = None,
+        ) -> None:
+            pass
+
+        code: str
+        campaign_id: str
+        order_id: str
+        redeemed_at: Timestamp | None
+        discount: Discount | None
+
+_CancelRedemptionRequestFields: TypeAlias = Literal["code", "order_id"]
+
+class CancelRedemptionRequest(Message[_CancelRedemptionRequestFields]):
+    """
+    ```proto
+    message coupon.CancelRedemptionRequest
+    ```
+
+    Attributes:
+        code:
+            ```proto
+            string code = 1;
+            ```
+        order_id:
+            the order that holds the code
+
+            ```proto
+            string order_id = 2;
+            ```
+    """
+
+    __slots__ = ("code", "order_id")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            code: str = "",
+            order_id: str = "",
+        ) -> None:
+            pass
+
+        code: str
+        order_id: str
+
+_CancelRedemptionResponseFields: TypeAlias = Literal["code", "state"]
+
+class CancelRedemptionResponse(Message[_CancelRedemptionResponseFields]):
+    """
+    ```proto
+    message coupon.CancelRedemptionResponse
+    ```
+
+    Attributes:
+        code:
+            ```proto
+            string code = 1;
+            ```
+        state:
+            ```proto
+            coupon.CouponState state = 2;
+            ```
+    """
+
+    __slots__ = ("code", "state")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            code: str = "",
+            state: CouponState | None = None,
+        ) -> None:
+            pass
+
+        code: str
+        state: CouponState
+
+_EventBatchFields: TypeAlias = Literal["events"]
+
+class EventBatch(Message[_EventBatchFields]):
+    """
+    Webhook payloads: each POST body is the proto3 JSON of an EventBatch.
+
+    ```proto
+    message coupon.EventBatch
+    ```
+
+    Attributes:
+        events:
+            ```proto
+            repeated coupon.Event events = 1;
+            ```
+    """
+
+    __slots__ = ("events",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            events: list[Event] | None = None,
+        ) -> None:
+            pass
+
+        events: list[Event]
+
+_EventFields: TypeAlias = Literal["id", "type", "time", "campaign_id", "brand", "code", "user_id", "order_id"]
+
+class Event(Message[_EventFields]):
+    """
+    ```proto
+    message coupon.Event
+    ```
+
+    Attributes:
+        id:
+            unique; a receiver deduplicates on it (delivery is at least once)
+
+            ```proto
+            string id = 1;
+            ```
+        type:
+            coupon.issued | coupon.redeemed | coupon.redemption_cancelled
+
+            ```proto
+            string type = 2;
+            ```
+        time:
+            ```proto
+            optional google.protobuf.Timestamp time = 3;
+            ```
+        campaign_id:
+            ```proto
+            string campaign_id = 4;
+            ```
+        brand:
+            ```proto
+            string brand = 5;
+            ```
+        code:
+            ```proto
+            string code = 6;
+            ```
+        user_id:
+            ```proto
+            string user_id = 7;
+            ```
+        order_id:
+            ```proto
+            string order_id = 8;
+            ```
+    """
+
+    __slots__ = ("id", "type", "time", "campaign_id", "brand", "code", "user_id", "order_id")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            id: str = "",
+            type: str = "",
+            time: Timestamp | None = None,
+            campaign_id: str = "",
+            brand: str = "",
+            code: str = "",
+            user_id: str = "",
+            order_id: str = "",
+        ) -> None:
+            pass
+
+        id: str
+        type: str
+        time: Timestamp | None
+        campaign_id: str
+        brand: str
+        code: str
+        user_id: str
+        order_id: str
+
+class CouponState(Enum):
+    """
+    ```proto
+    enum coupon.CouponState
+    ```
+
+    Attributes:
+        UNSPECIFIED:
+            ```proto
+            COUPON_STATE_UNSPECIFIED = 0
+            ```
+        ISSUED:
+            redeemable now
+
+            ```proto
+            COUPON_STATE_ISSUED = 1
+            ```
+        REDEEMED:
+            ```proto
+            COUPON_STATE_REDEEMED = 2
+            ```
+        EXPIRED:
+            not redeemed, and the campaign has ended
+
+            ```proto
+            COUPON_STATE_EXPIRED = 3
+            ```
+    """
+
+    UNSPECIFIED = 0
+    ISSUED = 1
+    REDEEMED = 2
+    EXPIRED = 3
 
 
 _DESC = file_desc(
-    b'\n\x0ccoupon.proto\x12\x06coupon\x1a\x1fgoogle/protobuf/timestamp.proto"|\n\x15CreateCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05total\x18\x02 \x01(\x05R\x05total\x129\n\nstart_time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\tstartTime"9\n\x16CreateCampaignResponse\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId"N\n\x12IssueCouponRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x02 \x01(\tR\x06userId"b\n\x13IssueCouponResponse\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x127\n\tissued_at\x18\x02 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08issuedAt"q\n\x12GetCampaignRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"\x89\x02\n\x13GetCampaignResponse\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n\x05total\x18\x03 \x01(\x05R\x05total\x129\n\nstart_time\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\tstartTime\x12!\n\x0cissued_codes\x18\x05 \x03(\tR\x0bissuedCodes\x12!\n\x0cissued_count\x18\x06 \x01(\x05R\x0bissuedCount\x12&\n\x0fnext_page_token\x18\x07 \x01(\tR\rnextPageToken2\xf5\x01\n\rCouponService\x12O\n\x0eCreateCampaign\x12\x1d.coupon.CreateCampaignRequest\x1a\x1e.coupon.CreateCampaignResponse\x12F\n\x0bIssueCoupon\x12\x1a.coupon.IssueCouponRequest\x1a\x1b.coupon.IssueCouponResponse\x12K\n\x0bGetCampaign\x12\x1a.coupon.GetCampaignRequest\x1a\x1b.coupon.GetCampaignResponse"\x03\x90\x02\x01b\x06proto3',
+    b'\n\x0ccoupon.proto\x12\x06coupon\x1a\x1fgoogle/protobuf/timestamp.proto"D\n\x05Money\x12\x1a\n\x08currency\x18\x01 \x01(\tR\x08currency\x12\x1f\n\x0bminor_units\x18\x02 \x01(\x03R\nminorUnits"e\n\x08Discount\x12!\n\x0bpercent_off\x18\x01 \x01(\x05H\x00R\npercentOff\x12.\n\namount_off\x18\x02 \x01(\x0b2\r.coupon.MoneyH\x00R\tamountOffB\x06\n\x04kind"\xfd\x02\n\x15CreateCampaignRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05total\x18\x02 \x01(\x05R\x05total\x129\n\nstart_time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\tstartTime\x125\n\x08end_time\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\x07endTime\x12,\n\x08discount\x18\x05 \x01(\x0b2\x10.coupon.DiscountR\x08discount\x12G\n\x08metadata\x18\x06 \x03(\x0b2+.coupon.CreateCampaignRequest.MetadataEntryR\x08metadata\x12\x14\n\x05brand\x18\x07 \x01(\tR\x05brand\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"9\n\x16CreateCampaignResponse\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId"w\n\x12IssueCouponRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x02 \x01(\tR\x06userId\x12\'\n\x0fidempotency_key\x18\x03 \x01(\tR\x0eidempotencyKey"\xcb\x01\n\x13IssueCouponResponse\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x127\n\tissued_at\x18\x02 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08issuedAt\x129\n\nexpires_at\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\texpiresAt\x12,\n\x08discount\x18\x04 \x01(\x0b2\x10.coupon.DiscountR\x08discount"q\n\x12GetCampaignRequest\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken"\xaf\x04\n\x13GetCampaignResponse\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n\x05total\x18\x03 \x01(\x05R\x05total\x129\n\nstart_time\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\tstartTime\x12!\n\x0cissued_codes\x18\x05 \x03(\tR\x0bissuedCodes\x12!\n\x0cissued_count\x18\x06 \x01(\x05R\x0bissuedCount\x12&\n\x0fnext_page_token\x18\x07 \x01(\tR\rnextPageToken\x125\n\x08end_time\x18\x08 \x01(\x0b2\x1a.google.protobuf.TimestampR\x07endTime\x12,\n\x08discount\x18\t \x01(\x0b2\x10.coupon.DiscountR\x08discount\x12E\n\x08metadata\x18\n \x03(\x0b2).coupon.GetCampaignResponse.MetadataEntryR\x08metadata\x12%\n\x0eredeemed_count\x18\x0b \x01(\x05R\rredeemedCount\x12\x14\n\x05brand\x18\x0c \x01(\tR\x05brand\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"R\n\x14ListCampaignsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken"v\n\x15ListCampaignsResponse\x125\n\tcampaigns\x18\x01 \x03(\x0b2\x17.coupon.CampaignSummaryR\tcampaigns\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken"\xdc\x02\n\x0fCampaignSummary\x12\x1f\n\x0bcampaign_id\x18\x01 \x01(\tR\ncampaignId\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12\x14\n\x05total\x18\x03 \x01(\x05R\x05total\x12!\n\x0cissued_count\x18\x04 \x01(\x05R\x0bissuedCount\x12%\n\x0eredeemed_count\x18\x05 \x01(\x05R\rredeemedCount\x129\n\nstart_time\x18\x06 \x01(\x0b2\x1a.google.protobuf.TimestampR\tstartTime\x125\n\x08end_time\x18\x07 \x01(\x0b2\x1a.google.protobuf.TimestampR\x07endTime\x12,\n\x08discount\x18\x08 \x01(\x0b2\x10.coupon.DiscountR\x08discount\x12\x14\n\x05brand\x18\t \x01(\tR\x05brand"&\n\x10GetCouponRequest\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code"\x86\x03\n\x11GetCouponResponse\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x12\x1f\n\x0bcampaign_id\x18\x02 \x01(\tR\ncampaignId\x12\x17\n\x07user_id\x18\x03 \x01(\tR\x06userId\x127\n\tissued_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\x08issuedAt\x12)\n\x05state\x18\x05 \x01(\x0e2\x13.coupon.CouponStateR\x05state\x12;\n\x0bredeemed_at\x18\x06 \x01(\x0b2\x1a.google.protobuf.TimestampR\nredeemedAt\x12\x19\n\x08order_id\x18\x07 \x01(\tR\x07orderId\x129\n\nexpires_at\x18\x08 \x01(\x0b2\x1a.google.protobuf.TimestampR\texpiresAt\x12,\n\x08discount\x18\t \x01(\x0b2\x10.coupon.DiscountR\x08discount"]\n\x13RedeemCouponRequest\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x12\x19\n\x08order_id\x18\x02 \x01(\tR\x07orderId\x12\x17\n\x07user_id\x18\x03 \x01(\tR\x06userId"\xd1\x01\n\x14RedeemCouponResponse\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x12\x1f\n\x0bcampaign_id\x18\x02 \x01(\tR\ncampaignId\x12\x19\n\x08order_id\x18\x03 \x01(\tR\x07orderId\x12;\n\x0bredeemed_at\x18\x04 \x01(\x0b2\x1a.google.protobuf.TimestampR\nredeemedAt\x12,\n\x08discount\x18\x05 \x01(\x0b2\x10.coupon.DiscountR\x08discount"H\n\x17CancelRedemptionRequest\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x12\x19\n\x08order_id\x18\x02 \x01(\tR\x07orderId"Y\n\x18CancelRedemptionResponse\x12\x12\n\x04code\x18\x01 \x01(\tR\x04code\x12)\n\x05state\x18\x02 \x01(\x0e2\x13.coupon.CouponStateR\x05state"3\n\nEventBatch\x12%\n\x06events\x18\x01 \x03(\x0b2\r.coupon.EventR\x06events"\xda\x01\n\x05Event\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04type\x18\x02 \x01(\tR\x04type\x12.\n\x04time\x18\x03 \x01(\x0b2\x1a.google.protobuf.TimestampR\x04time\x12\x1f\n\x0bcampaign_id\x18\x04 \x01(\tR\ncampaignId\x12\x14\n\x05brand\x18\x05 \x01(\tR\x05brand\x12\x12\n\x04code\x18\x06 \x01(\tR\x04code\x12\x17\n\x07user_id\x18\x07 \x01(\tR\x06userId\x12\x19\n\x08order_id\x18\x08 \x01(\tR\x07orderId*y\n\x0bCouponState\x12\x1c\n\x18COUPON_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13COUPON_STATE_ISSUED\x10\x01\x12\x19\n\x15COUPON_STATE_REDEEMED\x10\x02\x12\x18\n\x14COUPON_STATE_EXPIRED\x10\x032\xb1\x04\n\rCouponService\x12O\n\x0eCreateCampaign\x12\x1d.coupon.CreateCampaignRequest\x1a\x1e.coupon.CreateCampaignResponse\x12F\n\x0bIssueCoupon\x12\x1a.coupon.IssueCouponRequest\x1a\x1b.coupon.IssueCouponResponse\x12K\n\x0bGetCampaign\x12\x1a.coupon.GetCampaignRequest\x1a\x1b.coupon.GetCampaignResponse"\x03\x90\x02\x01\x12Q\n\rListCampaigns\x12\x1c.coupon.ListCampaignsRequest\x1a\x1d.coupon.ListCampaignsResponse"\x03\x90\x02\x01\x12E\n\tGetCoupon\x12\x18.coupon.GetCouponRequest\x1a\x19.coupon.GetCouponResponse"\x03\x90\x02\x01\x12I\n\x0cRedeemCoupon\x12\x1b.coupon.RedeemCouponRequest\x1a\x1c.coupon.RedeemCouponResponse\x12U\n\x10CancelRedemption\x12\x1f.coupon.CancelRedemptionRequest\x1a .coupon.CancelRedemptionResponseb\x06proto3',
     [
         timestamp_pb.desc(),
     ],
     {
+        "Money": Money,
+        "Discount": Discount,
         "CreateCampaignRequest": CreateCampaignRequest,
         "CreateCampaignResponse": CreateCampaignResponse,
         "IssueCouponRequest": IssueCouponRequest,
         "IssueCouponResponse": IssueCouponResponse,
         "GetCampaignRequest": GetCampaignRequest,
         "GetCampaignResponse": GetCampaignResponse,
+        "ListCampaignsRequest": ListCampaignsRequest,
+        "ListCampaignsResponse": ListCampaignsResponse,
+        "CampaignSummary": CampaignSummary,
+        "GetCouponRequest": GetCouponRequest,
+        "GetCouponResponse": GetCouponResponse,
+        "RedeemCouponRequest": RedeemCouponRequest,
+        "RedeemCouponResponse": RedeemCouponResponse,
+        "CancelRedemptionRequest": CancelRedemptionRequest,
+        "CancelRedemptionResponse": CancelRedemptionResponse,
+        "EventBatch": EventBatch,
+        "Event": Event,
+        "CouponState": CouponState,
     },
 )
 

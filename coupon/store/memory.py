@@ -1,35 +1,80 @@
 """The embedded store: everything in one process's memory, lost when it exits.
 
 Each method runs without awaiting between its check and its write, so on one asyncio loop no
-two requests interleave inside it: that is what makes issuance exact without a lock.
+two requests interleave inside it: that is what makes issuance and redemption exact without a
+lock.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from coupon.campaigns import Campaign, CampaignPage, IssuedCoupon
+from coupon.campaigns import (
+    Campaign,
+    CampaignList,
+    CampaignPage,
+    Coupon,
+    IssuedCoupon,
+    ListCursor,
+    Redemption,
+    coupon_state,
+)
 from coupon.clock import Clock, system_clock
 from coupon.codes import new_code
-from coupon.errors import CampaignNotFound, CampaignNotStarted, SoldOut
+from coupon.errors import (
+    AlreadyRedeemed,
+    CampaignEnded,
+    CampaignNotFound,
+    CampaignNotStarted,
+    CouponExpired,
+    CouponNotFound,
+    IdempotencyKeyReused,
+    NotHolder,
+    SoldOut,
+    UserMismatch,
+)
 
 if TYPE_CHECKING:
-    from coupon.campaigns import NewCampaign
+    from coupon.campaigns import IssueRequest, NewCampaign
+
+
+@dataclass(slots=True)
+class _Coupon:
+    code: str
+    campaign_id: str
+    user_id: str | None
+    issued_at: datetime
+    order_id: str | None = None  # the order holding it now
+    redeemed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One row of the append-only redemption history."""
+
+    code: str
+    order_id: str
+    action: str  # "redeem" | "cancel"
+    at: datetime
 
 
 @dataclass(slots=True)
 class _CampaignState:
     campaign: Campaign
-    coupons: list[IssuedCoupon] = field(default_factory=list)
-    coupon_index_by_user: dict[str, int] = field(default_factory=dict)
+    coupons: list[_Coupon] = field(default_factory=list)
+    by_user: dict[str, _Coupon] = field(default_factory=dict)
+    by_key: dict[str, _Coupon] = field(default_factory=dict)
+    redeemed: int = 0
 
 
 class MemoryStore:
     def __init__(self, clock: Clock = system_clock) -> None:
         self._clock = clock
         self._campaigns: dict[str, _CampaignState] = {}
-        self._all_codes: set[str] = set()
+        self._coupons: dict[str, _Coupon] = {}  # every code of every campaign
+        self.history: list[HistoryEntry] = []
 
     async def open(self) -> None:
         return None
@@ -41,50 +86,207 @@ class MemoryStore:
         return True
 
     async def create_campaign(self, campaign: NewCampaign) -> Campaign:
+        now = self._clock()
         created = Campaign(
             id=campaign.id,
             name=campaign.name,
             total=campaign.total,
-            start_time=campaign.start_time or self._clock(),
+            start_time=campaign.start_time or now,
             issued=0,
+            end_time=campaign.end_time,
+            discount=campaign.discount,
+            metadata=dict(campaign.metadata),
+            brand=campaign.brand,
+            created_at=now,
         )
         self._campaigns[created.id] = _CampaignState(created)
         return created
 
-    async def issue_coupon(self, campaign_id: str, user_id: str | None) -> IssuedCoupon:
+    async def issue_coupon(self, campaign_id: str, request: IssueRequest) -> IssuedCoupon:
         state = self._campaigns.get(campaign_id)
         if state is None:
             raise CampaignNotFound()
+        campaign = state.campaign
         now = self._clock()
-        if now < state.campaign.start_time:
-            raise CampaignNotStarted(state.campaign.start_time)
-        if user_id is not None and user_id in state.coupon_index_by_user:
-            return replace(state.coupons[state.coupon_index_by_user[user_id]], repeat=True)
-        if len(state.coupons) >= state.campaign.total:
+        if now < campaign.start_time:
+            raise CampaignNotStarted(campaign.start_time)
+        earlier = self._earlier_coupon(state, request)
+        if earlier is not None:
+            return self._issued(state, earlier, repeat=True)
+        if campaign.end_time is not None and now >= campaign.end_time:
+            raise CampaignEnded()
+        if len(state.coupons) >= campaign.total:
             raise SoldOut()
         code = new_code()
-        while code in self._all_codes:
+        while code in self._coupons:
             code = new_code()
-        coupon = IssuedCoupon(code=code, issued_at=now)
-        self._all_codes.add(code)
+        coupon = _Coupon(code, campaign_id, request.user_id, now)
+        self._coupons[code] = coupon
         state.coupons.append(coupon)
-        if user_id is not None:
-            state.coupon_index_by_user[user_id] = len(state.coupons) - 1
-        return coupon
+        if request.user_id is not None:
+            state.by_user[request.user_id] = coupon
+        if request.idempotency_key is not None:
+            state.by_key[request.idempotency_key] = coupon
+        return self._issued(state, coupon, repeat=False)
 
-    async def get_campaign(self, campaign_id: str, after_seq: int, limit: int) -> CampaignPage:
-        state = self._campaigns.get(campaign_id)
-        if state is None:
-            raise CampaignNotFound()
+    @staticmethod
+    def _earlier_coupon(state: _CampaignState, request: IssueRequest) -> _Coupon | None:
+        if request.idempotency_key is not None:
+            keyed = state.by_key.get(request.idempotency_key)
+            if keyed is not None:
+                if keyed.user_id != request.user_id:
+                    raise IdempotencyKeyReused()
+                return keyed
+        if request.user_id is not None:
+            return state.by_user.get(request.user_id)
+        return None
+
+    @staticmethod
+    def _issued(state: _CampaignState, coupon: _Coupon, *, repeat: bool) -> IssuedCoupon:
+        return IssuedCoupon(
+            code=coupon.code,
+            issued_at=coupon.issued_at,
+            repeat=repeat,
+            expires_at=state.campaign.end_time,
+            discount=state.campaign.discount,
+        )
+
+    async def get_campaign(
+        self, campaign_id: str, after_seq: int, limit: int, *, brand: str | None
+    ) -> CampaignPage:
+        state = self._visible_campaign(campaign_id, brand)
         page = state.coupons[after_seq : after_seq + limit]
         issued = len(state.coupons)
         return CampaignPage(
-            campaign=replace(state.campaign, issued=issued),
+            campaign=self._snapshot(state),
             codes=[c.code for c in page],
             last_seq=after_seq + len(page),
             has_more=after_seq + len(page) < issued,
         )
 
+    async def list_campaigns(
+        self, after: ListCursor | None, limit: int, *, brand: str | None
+    ) -> CampaignList:
+        visible = [
+            s for s in self._campaigns.values() if brand is None or s.campaign.brand == brand
+        ]
+        visible.sort(key=_newest_first)
+        if after is not None:
+            boundary = (-_micros(after.created_at), _inverted(after.campaign_id))
+            visible = [s for s in visible if _newest_first(s) > boundary]
+        page = visible[:limit]
+        next_cursor = None
+        if len(visible) > limit:
+            last = page[-1].campaign
+            assert last.created_at is not None
+            next_cursor = ListCursor(last.created_at, last.id)
+        return CampaignList([self._snapshot(s) for s in page], next_cursor)
+
+    async def get_coupon(self, code: str, *, brand: str | None) -> Coupon:
+        coupon, state = self._visible_coupon(code, brand)
+        return self._coupon_view(coupon, state)
+
+    async def redeem_coupon(
+        self, code: str, order_id: str, user_id: str | None, *, brand: str | None
+    ) -> Redemption:
+        coupon, state = self._visible_coupon(code, brand)
+        if coupon.user_id is not None and coupon.user_id != user_id:
+            raise UserMismatch()
+        if coupon.order_id is not None:
+            if coupon.order_id != order_id:
+                raise AlreadyRedeemed()
+            return self._redemption(coupon, state)
+        now = self._clock()
+        end_time = state.campaign.end_time
+        if end_time is not None and now >= end_time:
+            raise CouponExpired()
+        coupon.order_id, coupon.redeemed_at = order_id, now
+        state.redeemed += 1
+        self.history.append(HistoryEntry(code, order_id, "redeem", now))
+        return self._redemption(coupon, state)
+
+    async def cancel_redemption(self, code: str, order_id: str, *, brand: str | None) -> Coupon:
+        coupon, state = self._visible_coupon(code, brand)
+        if coupon.order_id == order_id:
+            now = self._clock()
+            coupon.order_id, coupon.redeemed_at = None, None
+            state.redeemed -= 1
+            self.history.append(HistoryEntry(code, order_id, "cancel", now))
+        elif coupon.order_id is not None or not self._cancelled_by(code, order_id):
+            raise NotHolder()
+        return self._coupon_view(coupon, state)
+
+    def _cancelled_by(self, code: str, order_id: str) -> bool:
+        return any(
+            h.code == code and h.order_id == order_id and h.action == "cancel" for h in self.history
+        )
+
+    def _visible_campaign(self, campaign_id: str, brand: str | None) -> _CampaignState:
+        state = self._campaigns.get(campaign_id)
+        if state is None or (brand is not None and state.campaign.brand != brand):
+            raise CampaignNotFound()
+        return state
+
+    def _visible_coupon(self, code: str, brand: str | None) -> tuple[_Coupon, _CampaignState]:
+        coupon = self._coupons.get(code)
+        if coupon is None:
+            raise CouponNotFound()
+        state = self._campaigns[coupon.campaign_id]
+        if brand is not None and state.campaign.brand != brand:
+            raise CouponNotFound()
+        return coupon, state
+
+    def _coupon_view(self, coupon: _Coupon, state: _CampaignState) -> Coupon:
+        return Coupon(
+            code=coupon.code,
+            campaign_id=coupon.campaign_id,
+            user_id=coupon.user_id,
+            issued_at=coupon.issued_at,
+            state=coupon_state(
+                redeemed=coupon.order_id is not None,
+                end_time=state.campaign.end_time,
+                now=self._clock(),
+            ),
+            redeemed_at=coupon.redeemed_at,
+            order_id=coupon.order_id,
+            expires_at=state.campaign.end_time,
+            discount=state.campaign.discount,
+        )
+
+    @staticmethod
+    def _redemption(coupon: _Coupon, state: _CampaignState) -> Redemption:
+        assert coupon.order_id is not None
+        assert coupon.redeemed_at is not None
+        return Redemption(
+            code=coupon.code,
+            campaign_id=coupon.campaign_id,
+            order_id=coupon.order_id,
+            redeemed_at=coupon.redeemed_at,
+            discount=state.campaign.discount,
+        )
+
+    @staticmethod
+    def _snapshot(state: _CampaignState) -> Campaign:
+        return replace(state.campaign, issued=len(state.coupons), redeemed=state.redeemed)
+
     def codes_of(self, campaign_id: str) -> list[str]:
         """Every stored code of the campaign, in issue order (for tests and audits)."""
         return [c.code for c in self._campaigns[campaign_id].coupons]
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _inverted(campaign_id: str) -> tuple[int, ...]:
+    # Newest first means descending ids too; negate each character so one ascending sort serves.
+    return tuple(-ord(c) for c in campaign_id)
+
+
+def _newest_first(state: _CampaignState) -> tuple[int, tuple[int, ...]]:
+    created_at = state.campaign.created_at
+    assert created_at is not None
+    return (-_micros(created_at), _inverted(state.campaign.id))
