@@ -52,6 +52,10 @@ class DatabaseConfig:
     pool_min_size: int = 2
     pool_max_size: int = 10
     connect_timeout_s: int = 5
+    # After a failed connection attempt the pool tries once more this much later, then frees
+    # the slot so that the next call starts a fresh attempt: after a failover or a restart the
+    # service reconnects within about this long of the database accepting writes again.
+    reconnect_timeout_s: float = 0.5
     max_group_size: int = 256  # IssueCoupon calls of one campaign per transaction, at most
     start_margin_s: float = 2.0  # refuse "not started" without a query only this far ahead
     # The longest a call waits for the store, queue included; then `unavailable`.
@@ -265,6 +269,7 @@ def _check_ranges(config: Config) -> None:
         ("database.max_group_size", db.max_group_size, 1, 10_000, False),
         ("database.start_margin_s", db.start_margin_s, 0, 3600, False),
         ("database.call_timeout_s", db.call_timeout_s, 0, 600, True),
+        ("database.reconnect_timeout_s", db.reconnect_timeout_s, 0, 300, True),
         ("database.statement_timeout_s", db.statement_timeout_s, 0, 3600, False),
         ("database.lock_timeout_s", db.lock_timeout_s, 0, 3600, False),
         (

@@ -68,6 +68,8 @@ def test_a_missing_file_is_an_error_naming_the_path(tmp_path: Path) -> None:
         ("", {"COUPON_SERVER_WORKERS": "4"}, "memory store"),
         ("store: {type: postgres}", {}, "database.dsn"),
         ("limits: {max_total: 0}", {}, "max_total"),
+        ("database: {reconnect_timeout_s: 0}", {}, "database.reconnect_timeout_s"),
+        ("", {"COUPON_DATABASE_RECONNECT_TIMEOUT_S": "soon"}, "RECONNECT_TIMEOUT_S"),
         ("- a list", {}, "mapping"),
         ("server: [1]", {}, "mapping"),
         ("server: {access_log: maybe}", {}, "true or false"),
