@@ -19,6 +19,9 @@ scripts/wrk/issue.lua, and ends it by its PID. Configurations (--only picks amon
 - redeem:   RedeemCoupon on Postgres, 2 workers: codes issued beforehand (not measured), each
             request redeems a fresh one (scripts/wrk/redeem.lua); the campaign's redeemedCount
             afterwards is checked against the acknowledged calls
+- jwt:      IssueCoupon as --jwt-customers customers retrying (memory, 1 worker, c=64): with
+            the user id in the body (no auth, the baseline), then with each customer's RS256
+            or ES256 JWT verified by the server (auth.customers.jwt; keys made for the run)
 
 Postgres comes from --dsn or, without it, a throw-away pgserver (pip package). Rows that cannot
 run say why ("not measured: ...") in the output and in the report. Every figure is the median of
@@ -56,11 +59,14 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "scripts" / "wrk" / "issue.lua"
 REDEEM_LUA = ROOT / "scripts" / "wrk" / "redeem.lua"
+CUSTOMERS_LUA = ROOT / "scripts" / "wrk" / "issue_customers.lua"
 ECHO = ROOT / "scripts" / "echo_server.py"
 SERVICE = "/coupon.CouponService"
-CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "webhooks", "pgbench", "redeem")
+CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "webhooks", "pgbench", "redeem", "jwt")
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789"
 RECEIVER = ROOT / "scripts" / "webhook_receiver.py"
+JWT_ISSUER = "https://login.bench.test"
+JWT_AUDIENCE = "coupon-bench"
 CONNECTIONS = (64, 256)
 POSTGRES_CONNECTIONS = (64, 128, 256)  # 128: the grouping target of issue #5 (2 workers)
 LARGE_CAMPAIGN = 10_000_000  # limits.max_total: no run here comes near selling it out
@@ -188,25 +194,86 @@ def tail(path: Path, lines: int = 5) -> str:
 
 
 def coupon_server_command(
-    workdir: Path, store: str, workers: int, port: int, dsn: str, token: str, webhook_url: str = ""
+    workdir: Path,
+    store: str,
+    workers: int,
+    port: int,
+    dsn: str,
+    token: str,
+    customers: Customers | None = None,
+    webhook_url: str = "",
 ) -> list[str]:
+    auth: dict[str, Any] = {"admin_token": token}
+    if customers is not None:
+        auth["customers"] = {"jwt": customers.jwt_config}
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "workers": workers},
         "store": {"type": store},
-        "auth": {"admin_token": token},
+        "auth": auth,
     }
     if store == "postgres":
         config["database"] = {"dsn": dsn}
     if webhook_url:
         config["webhooks"] = {"endpoints": [{"url": webhook_url, "secret": WEBHOOK_SECRET}]}
-    hooks = "-webhooks" if webhook_url else ""
-    path = workdir / f"config-{store}-{workers}{hooks}.yaml"
+    suffix = f"-{customers.algorithm}" if customers else ""
+    suffix += "-webhooks" if webhook_url else ""
+    path = workdir / f"config-{store}-{workers}{suffix}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return [sys.executable, "-m", "coupon.server", "--config", str(path)]
 
 
 def wrk_threads(connections: int) -> int:
     return max(1, min(os.cpu_count() or 1, connections))
+
+
+@dataclass
+class Customers:
+    """Customers for the jwt rows: a file of "<userId> <JWT>" lines and how the server checks
+    them (algorithm None: the baseline row, user ids in the body and no verification)."""
+
+    file: Path
+    algorithm: str | None
+    jwt_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wrk_args(self) -> list[str]:
+        return [str(self.file), "jwt" if self.algorithm else "userid"]
+
+
+def make_customers(workdir: Path, algorithm: str, count: int) -> Customers:
+    """A key pair for `algorithm`, its public half for the server, tokens for `count` users."""
+    import jwt  # the jwt rows only; PyJWT and cryptography come with the server
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    private: Any = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    public_file = workdir / f"customers-{algorithm}.pem"
+    public_file.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    started = time.monotonic()
+    expires = int(time.time()) + 6 * 3600
+    lines = []
+    for index in range(count):
+        user = f"bench-customer-{index}"
+        claims = {"sub": user, "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "exp": expires}
+        lines.append(f"{user} {jwt.encode(claims, private, algorithm=algorithm)}")
+    file = workdir / f"customers-{algorithm}.txt"
+    file.write_text("\n".join(lines) + "\n")
+    log(f"minted {count} {algorithm} tokens in {time.monotonic() - started:.1f}s")
+    config = {
+        "algorithms": [algorithm],
+        "public_key_file": str(public_file),
+        "issuer": JWT_ISSUER,
+        "audience": JWT_AUDIENCE,
+    }
+    return Customers(file, algorithm, config)
 
 
 def run_wrk(
@@ -218,8 +285,11 @@ def run_wrk(
     method: str = "IssueCoupon",
     script: Path = LUA,
     script_args: tuple[str, ...] = (),
+    customers: Customers | None = None,
 ) -> dict[str, Any]:
     threads = wrk_threads(connections)
+    if customers is not None:
+        script, script_args = CUSTOMERS_LUA, (campaign_id, *customers.wrk_args)
     command = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
         "-s", str(script), url + SERVICE + "/" + method, "--", *(script_args or (campaign_id,)),
@@ -241,12 +311,13 @@ def measure_http(
     row: Row,
     connections: int,
     args: argparse.Namespace,
-    campaign: str,  # "large", "soldout" or "echo"
+    campaign: str,  # "large", "soldout", "echo" or "customers"
+    customers: Customers | None = None,
 ) -> None:
     for run in range(args.runs):
         campaign_id = "echo-campaign"
         if campaign != "echo":
-            total = LARGE_CAMPAIGN if campaign == "large" else 1
+            total = 1 if campaign == "soldout" else LARGE_CAMPAIGN
             status, body = rpc(
                 base_url, "CreateCampaign", {"name": "bench", "total": total}, args.token
             )
@@ -260,7 +331,7 @@ def measure_http(
                 # The first refusal is how a process learns the campaign is sold out.
                 rpc(base_url, "IssueCoupon", {"campaignId": campaign_id}, "")
         transactions_before = issuance_transactions(base_url)
-        result = run_wrk(base_url, campaign_id, connections, args.duration)
+        result = run_wrk(base_url, campaign_id, connections, args.duration, customers=customers)
         transactions = issuance_transactions(base_url) - transactions_before
         seconds = result["duration_us"] / 1e6
         socket_errors = sum(result[k] for k in ("connect", "read", "write", "timeout"))
@@ -278,6 +349,9 @@ def measure_http(
             )
             issued = int(page.get("issuedCount", -1))
             expected_max = 1 if campaign == "soldout" else LARGE_CAMPAIGN
+            if campaign == "customers":
+                # Customers retry: a repeat answers the customer's code again, not a new one.
+                note += f" {issued:,} codes for {good:,} answers"
             if campaign == "large" and issued < good:
                 note += f" server counts {issued} issued < {good} acknowledged!"
             if issued > expected_max:
@@ -542,6 +616,13 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
     if "pgbench" in only:
         add("pgbench", f"pgbench baseline, {PGBENCH_CLIENTS} clients", "tx/s", None,
             kind="pgbench")  # fmt: skip
+    if "jwt" in only:
+        for algorithm in (None, "RS256", "ES256"):
+            who = "no-JWT customers (userId)" if algorithm is None else f"{algorithm} customers"
+            add(f"jwt-{algorithm or 'none'}@64", f"{who}, retrying, memory, c=64",
+                "answers/s", None if algorithm is None else "jwt-none@64", kind="coupon",
+                store="memory", workers=1, conns=64, campaign="customers",
+                algorithm=algorithm)  # fmt: skip
     return rows
 
 
@@ -563,9 +644,10 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
         # One server per (kind, store, workers); all its rows run before it is stopped.
         groups: dict[tuple[Any, ...], list[tuple[Row, dict[str, Any]]]] = {}
         for row, how in planned:
-            group = (how["kind"], how.get("store"), how.get("workers"), how.get("webhooks", False))
+            group = (how["kind"], how.get("store"), how.get("workers"), how.get("campaign"),
+                     how.get("algorithm"), how.get("webhooks", False))  # fmt: skip
             groups.setdefault(group, []).append((row, how))
-        for (kind, store, workers, webhooks), members in groups.items():
+        for (kind, store, workers, campaign, algorithm, webhooks), members in groups.items():
             if kind == "pgbench":
                 row = members[0][0]
                 if pg is None:
@@ -583,6 +665,11 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                 continue
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"
+            customers = None
+            if campaign == "customers":
+                customers = make_customers(workdir, algorithm or "ES256", args.jwt_customers)
+                if algorithm is None:  # the baseline: the same customers, no verification
+                    customers = Customers(customers.file, None)
             receiver_port = free_port() if webhooks else 0
             if kind == "echo":
                 command = [sys.executable, str(ECHO), "--port", str(port)]
@@ -590,19 +677,25 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                 dsn = pg.dsn if pg else ""
                 hook_url = f"http://127.0.0.1:{receiver_port}/hooks" if webhooks else ""
                 command = coupon_server_command(
-                    workdir, store, workers, port, dsn, args.token, hook_url
-                )
-            name = (
-                "echo" if kind == "echo" else f"{store}-{workers}w{'-webhooks' if webhooks else ''}"
-            )
+                    workdir, store, workers, port, dsn, args.token, customers
+                    if customers is not None and customers.algorithm else None,
+                    hook_url,
+                )  # fmt: skip
+            name = "echo" if kind == "echo" else f"{store}-{workers}w"
+            if customers is not None:
+                name += f"-{customers.algorithm or 'userid'}"
+            if webhooks:
+                name += "-webhooks"
             log(f"starting {name}: {shlex.join(command)}")
             try:
-                with (
+                receiver = (
                     webhook_receiver(receiver_port, workdir)
                     if webhooks
-                    else contextlib.nullcontext(),
-                    server_process(command, base_url, workdir / f"{name}.log"),
-                ):
+                    else contextlib.nullcontext()
+                )
+                with receiver, server_process(command, base_url, workdir / f"{name}.log"):
+                    # Anonymous even for the jwt rows (refused there): the customers' tokens are
+                    # first seen, and verified, in the first measured run.
                     warm_up(base_url, args, needs_campaign=kind != "echo")
                     for row, how in members:
                         log(f"{row.label}:")
@@ -611,7 +704,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                                 measure_redeem(base_url, row, how["conns"], args, workdir)
                                 continue
                             measure_http(base_url, row, how["conns"], args, how.get(
-                                "campaign", "echo"))  # fmt: skip
+                                "campaign", "echo"), customers)  # fmt: skip
                         except BenchError as e:
                             row.not_measured = str(e)
             except BenchError as e:
@@ -691,7 +784,8 @@ def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, argv
     lines += [
         "",
         "Baselines: memory and sold-out rows against the echo server at the same connection "
-        "count; Postgres rows against pgbench's transactions/s on the same PostgreSQL.",
+        "count; Postgres rows against pgbench's transactions/s on the same PostgreSQL; JWT rows "
+        "against the same customers sending their user id without a token.",
         "",
         "![throughput per configuration](benchmarks.png)",
         "",
@@ -738,6 +832,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--token",
         default=os.environ.get("COUPON_ADMIN_TOKEN", ""),
         help="admin token the started servers require (default: $COUPON_ADMIN_TOKEN)",
+    )
+    parser.add_argument(
+        "--jwt-customers",
+        type=int,
+        default=5000,
+        help="customers of the jwt rows; each holds one token and retries with it",
     )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--chart", type=Path, default=ROOT / "docs" / "benchmarks.png")

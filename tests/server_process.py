@@ -33,6 +33,7 @@ class ServerProcess:
         name: str = "server",
         shutdown_timeout_s: int | None = None,
         extra: dict[str, dict[str, object]] | None = None,
+        auth: dict[str, object] | None = None,
         role: str = "server",
     ) -> None:
         self.port = free_port()
@@ -53,6 +54,8 @@ class ServerProcess:
             merged = dict(config.get(section) or {})  # type: ignore[call-overload]
             merged.update(values)
             config[section] = merged
+        if auth is not None:
+            config["auth"] = auth
         self.role = role
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self._process: subprocess.Popen[bytes] | None = None

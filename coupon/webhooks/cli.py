@@ -28,6 +28,15 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--all", action="store_true", help="every dead-lettered batch")
 
 
+def run_if_asked(args: argparse.Namespace, config: Config) -> int | None:
+    """The exit code of a webhooks command or role; None when the API server is to run."""
+    if args.command == "webhooks":
+        return run_command(args, config)
+    if args.role == "webhooks":
+        return run_delivery_process(config)
+    return None
+
+
 def _outbox_or_exit(config: Config) -> None:
     if config.store.type != "postgres":
         sys.exit(
