@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from connectrpc.codec import proto_binary_codec, proto_json_codec
 from starlette.applications import Starlette
@@ -21,6 +21,7 @@ from coupon.request_ids import RequestIdInterceptor
 from coupon.rpc_errors import ErrorInterceptor
 from coupon.service import CouponServiceImpl
 from coupon.store.memory import MemoryStore
+from coupon.webhooks.runtime import Webhooks, build_webhooks
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -35,20 +36,24 @@ log = logging.getLogger("coupon.app")
 CONFIG_PATH_ENV = "COUPON_CONFIG_PATH"
 
 
-def build_store(config: Config) -> Store:
+def build_store(config: Config, webhooks: Webhooks | None = None) -> Store:
+    webhooks = webhooks or Webhooks()
     if config.store.type == "memory":
-        return MemoryStore()
+        return MemoryStore(outbox=webhooks.memory)
     if config.store.type == "postgres":
         # Imported here so the memory store runs without the database driver loaded.
         from coupon.store.postgres import PostgresStore
 
-        return PostgresStore(config.database)
+        return PostgresStore(config.database, outbox=webhooks.postgres)
     raise ConfigError(f"store.type {config.store.type!r} is not available in this build")
 
 
 def create_app(config: Config, store: Store | None = None) -> ASGIApp:
     """Build the app; the store opens at start-up and closes at shutdown (ASGI lifespan)."""
-    the_store = store if store is not None else build_store(config)
+    webhooks = build_webhooks(config) if store is None else Webhooks()
+    the_store = store if store is not None else build_store(config, webhooks)
+    # Deliveries run in the server processes unless a `--role webhooks` process does them.
+    delivery = webhooks.runner() if config.webhooks.deliver_in_server else None
     connect_app = CouponServiceASGIApplication(
         CouponServiceImpl(the_store, config.limits),
         # Metadata interceptors first: they run before the body is parsed, so metrics count
@@ -79,9 +84,13 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await the_store.open()
+        if delivery is not None:
+            await delivery.start()
         try:
             yield
         finally:
+            if delivery is not None:
+                await delivery.stop()  # POSTs in flight finish or go back to the queue
             await the_store.close()
 
     # Starlette owns the lifespan; the Connect app is called directly rather than mounted,
@@ -95,13 +104,16 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
         lifespan=lifespan,
     )
     connect_prefix = connect_app.path + "/"
+    # connectrpc annotates with asgiref's precise ASGI types (installed with procrastinate);
+    # Starlette's looser ones describe the same calls.
+    connect_asgi = cast("ASGIApp", connect_app)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(connect_prefix):
             if _is_native_grpc(scope):
                 await _NATIVE_GRPC_REFUSAL(scope, receive, send)
                 return
-            await connect_app(scope, receive, send)
+            await connect_asgi(scope, receive, send)
         else:
             await side_routes(scope, receive, send)
 

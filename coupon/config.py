@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -116,12 +117,33 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookEndpoint:
+    url: str
+    secret: str = field(repr=False)  # signs every POST: never printed
+    brand: str = ""  # "": every brand
+
+
+@dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    endpoints: tuple[WebhookEndpoint, ...] = ()
+    deliver_in_server: bool = True  # false: only `coupon-server --role webhooks` delivers
+    max_attempts: int = 12  # then the batch is dead-lettered (listed and retried by hand)
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 600.0
+    timeout_s: float = 10.0  # every POST, connect to last byte
+    concurrency: int = 4  # POSTs in flight per delivering process
+    stalled_after_s: float = 30.0  # a batch held by a process silent this long is retried
+    poll_interval_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
 
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
@@ -182,7 +204,12 @@ def _build_section(
 
 
 def _convert(where: str, value: Any, type_name: Any) -> Any:
-    converter = {"int": _to_int, "float": _to_float, "bool": _to_bool}.get(type_name, _to_str)
+    converter = {
+        "int": _to_int,
+        "float": _to_float,
+        "bool": _to_bool,
+        "tuple[WebhookEndpoint, ...]": _to_endpoints,
+    }.get(type_name, _to_str)
     return converter(where, value)
 
 
@@ -223,6 +250,43 @@ def _to_str(where: str, value: Any) -> str:
     return str(value)
 
 
+def _to_endpoints(where: str, value: Any) -> tuple[WebhookEndpoint, ...]:
+    """A list of {url, secret, brand?}; from the environment, the same list as YAML text."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{where} must be a YAML list of {{url, secret, brand}}") from None
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of {{url, secret, brand}}")
+    endpoints = []
+    for index, item in enumerate(value):
+        here = f"{where}[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{here} must be a mapping with url and secret")
+        unknown = set(item) - {"url", "secret", "brand"}
+        if unknown:
+            raise ConfigError(f"unknown key(s) in {here}: {', '.join(sorted(map(str, unknown)))}")
+        url = _to_str(f"{here}.url", item.get("url"))
+        if not _WEBHOOK_URL.fullmatch(url):
+            raise ConfigError(f"{here}.url must be an http:// or https:// URL with a host")
+        # The value itself is never echoed: it is a secret.
+        secret = item.get("secret")
+        if not isinstance(secret, str) or len(secret) < 16:
+            raise ConfigError(f"{here}.secret must be a string of at least 16 characters")
+        brand = _to_str(f"{here}.brand", item.get("brand"))
+        endpoints.append(WebhookEndpoint(url=url, secret=secret, brand=brand))
+    urls = [e.url for e in endpoints]
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"{where}: each url may appear once")
+    return tuple(endpoints)
+
+
+_WEBHOOK_URL = re.compile(r"https?://[^/\s?#]+(?:[/?#]\S*)?")
+
+
 def _check(config: Config) -> None:
     if config.store.type not in STORE_TYPES:
         raise ConfigError(
@@ -251,6 +315,24 @@ def _check(config: Config) -> None:
         or config.database.pool_max_size < config.database.pool_min_size
     ):
         raise ConfigError("database.pool_min_size must be >= 1 and <= database.pool_max_size")
+    _check_webhooks(config.webhooks)
+    if config.store.type == "memory" and not config.webhooks.deliver_in_server:
+        raise ConfigError(
+            "webhooks.deliver_in_server: false needs store.type: postgres; the memory store's "
+            "events live in the server process, so only it can deliver them"
+        )
+
+
+def _check_webhooks(webhooks: WebhooksConfig) -> None:
+    if webhooks.max_attempts < 1:
+        raise ConfigError("webhooks.max_attempts must be at least 1")
+    if not 0 < webhooks.retry_initial_s <= webhooks.retry_max_s:
+        raise ConfigError("webhooks.retry_initial_s must be > 0 and <= webhooks.retry_max_s")
+    for key in ("timeout_s", "stalled_after_s", "poll_interval_s"):
+        if getattr(webhooks, key) <= 0:
+            raise ConfigError(f"webhooks.{key} must be greater than 0")
+    if webhooks.concurrency < 1:
+        raise ConfigError("webhooks.concurrency must be at least 1")
 
 
 def _check_ranges(config: Config) -> None:

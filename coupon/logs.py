@@ -81,5 +81,9 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
             "uvicorn": {"handlers": [], "propagate": True},
             "uvicorn.error": {"handlers": [], "propagate": True},
             "uvicorn.access": {"handlers": [], "propagate": True},
+            # Webhook delivery: one INFO line per job and per POST (with its URL, which may
+            # carry credentials) would flood the log; coupon.webhooks reports what matters.
+            "procrastinate": {"level": "WARNING"},
+            "httpx": {"level": "WARNING"},
         },
     }

@@ -94,3 +94,23 @@ def render() -> tuple[bytes, str]:
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+# Webhooks (coupon.webhooks). Events are counted once each, whatever the number of endpoints.
+WEBHOOK_EVENTS_WRITTEN = Counter(
+    "coupon_webhook_events_written", "Events committed to the outbox with their change"
+)
+WEBHOOK_EVENTS_DELIVERED = Counter(
+    "coupon_webhook_events_delivered", "Events acknowledged (2xx) by an endpoint"
+)
+WEBHOOK_POSTS_FAILED = Counter(
+    "coupon_webhook_posts_failed", "Webhook POSTs not acknowledged (error, timeout, non-2xx)"
+)
+WEBHOOK_EVENTS_DEAD = Counter(
+    "coupon_webhook_events_dead_lettered", "Events given up on after webhooks.max_attempts"
+)
+WEBHOOK_DELIVERY_LAG = Histogram(
+    "coupon_webhook_delivery_lag_seconds",
+    "From an event's time to its endpoint's acknowledgement",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)

@@ -23,6 +23,7 @@ from coupon.config import ConfigError, load_config
 from coupon.http_limits import limited_protocol
 from coupon.logs import logging_config
 from coupon.metrics import MULTIPROCESS_DIR_ENV
+from coupon.webhooks import cli as webhooks_cli
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -39,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="YAML config file; without it, built-in defaults (memory store, 127.0.0.1:8080)",
     )
+    parser.add_argument(
+        "--role",
+        choices=("server", "webhooks"),
+        default="server",
+        help="server: serve the API (and deliver webhooks unless webhooks.deliver_in_server is "
+        "false); webhooks: only deliver webhooks (PostgreSQL store)",
+    )
+    webhooks_cli.add_commands(parser)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -53,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log_config = logging_config(config.server.log_format, config.server.log_level)
     logging.config.dictConfig(log_config)
+    webhooks_exit = webhooks_cli.run_if_asked(args, config)
+    if webhooks_exit is not None:
+        return webhooks_exit
     if not config.auth.has_api_keys:
         log.warning(
             "no API key is configured (auth.admin_token, auth.tokens): every method is open to "

@@ -12,6 +12,8 @@ scripts/wrk/issue.lua, and ends it by its PID. Configurations (--only picks amon
 - memory:   memory store, 1 worker, a campaign too large to sell out
 - soldout:  sold-out storm: a campaign of 1, sold, then loaded (memory; Postgres if available)
 - postgres: Postgres store with 1 and 2 workers, a campaign too large to sell out
+- webhooks: Postgres store, 1 worker, webhooks on (a local scripts/webhook_receiver.py),
+            next to the same server with them off (P1 on vs off, in the same run)
 - pgbench:  one conditional increment + insert per transaction, 64 clients (baseline for
             the Postgres rows)
 - redeem:   RedeemCoupon on Postgres, 2 workers: codes issued beforehand (not measured), each
@@ -60,7 +62,9 @@ REDEEM_LUA = ROOT / "scripts" / "wrk" / "redeem.lua"
 CUSTOMERS_LUA = ROOT / "scripts" / "wrk" / "issue_customers.lua"
 ECHO = ROOT / "scripts" / "echo_server.py"
 SERVICE = "/coupon.CouponService"
-CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "pgbench", "redeem", "jwt")
+CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "webhooks", "pgbench", "redeem", "jwt")
+WEBHOOK_SECRET = "bench-webhook-secret-0123456789"
+RECEIVER = ROOT / "scripts" / "webhook_receiver.py"
 JWT_ISSUER = "https://login.bench.test"
 JWT_AUDIENCE = "coupon-bench"
 CONNECTIONS = (64, 256)
@@ -175,6 +179,15 @@ def server_process(
                 process.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def webhook_receiver(port: int, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """scripts/webhook_receiver.py on `port`: verifies each POST's signature, answers 204."""
+    command = [sys.executable, str(RECEIVER), "--port", str(port), "--secret", WEBHOOK_SECRET]
+    command.append("--quiet")
+    with server_process(command, f"http://127.0.0.1:{port}", workdir / "receiver.log") as p:
+        yield p
+
+
 def tail(path: Path, lines: int = 5) -> str:
     text = path.read_text(errors="replace").strip().splitlines()
     return " | ".join(text[-lines:]) or "(no output)"
@@ -188,6 +201,7 @@ def coupon_server_command(
     dsn: str,
     token: str,
     customers: Customers | None = None,
+    webhook_url: str = "",
 ) -> list[str]:
     auth: dict[str, Any] = {"admin_token": token}
     if customers is not None:
@@ -199,7 +213,10 @@ def coupon_server_command(
     }
     if store == "postgres":
         config["database"] = {"dsn": dsn}
+    if webhook_url:
+        config["webhooks"] = {"endpoints": [{"url": webhook_url, "secret": WEBHOOK_SECRET}]}
     suffix = f"-{customers.algorithm}" if customers else ""
+    suffix += "-webhooks" if webhook_url else ""
     path = workdir / f"config-{store}-{workers}{suffix}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return [sys.executable, "-m", "coupon.server", "--config", str(path)]
@@ -573,6 +590,15 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
                 add(f"pg{workers}@{c}", f"postgres, {workers} worker(s), c={c}", "issued/s",
                     "pgbench", kind="coupon", store="postgres", workers=workers, conns=c,
                     campaign="large")  # fmt: skip
+    for c in POSTGRES_CONNECTIONS:
+        if "webhooks" in only:
+            if "postgres" not in only:  # the "off" row of the pair
+                add(f"pg1@{c}", f"postgres, 1 worker(s), c={c}", "issued/s", "pgbench",
+                    kind="coupon", store="postgres", workers=1, conns=c,
+                    campaign="large")  # fmt: skip
+            add(f"pg1-webhooks@{c}", f"postgres, 1 worker, webhooks on, c={c}", "issued/s",
+                f"pg1@{c}", kind="coupon", store="postgres", workers=1, conns=c,
+                campaign="large", webhooks=True)  # fmt: skip
     for c in CONNECTIONS:
         if "soldout" in only:
             add(f"soldout-memory@{c}", f"sold-out storm, memory, c={c}", "sold-out answers/s",
@@ -605,7 +631,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
     info = machine()
     pg: Postgres | None = None
     pg_problem = ""
-    if only & {"postgres", "soldout", "pgbench", "redeem"}:
+    if only & {"postgres", "soldout", "pgbench", "redeem", "webhooks"}:
         try:
             pg = provision_postgres(args, workdir)
             info["PostgreSQL"] = pg.version
@@ -619,9 +645,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
         groups: dict[tuple[Any, ...], list[tuple[Row, dict[str, Any]]]] = {}
         for row, how in planned:
             group = (how["kind"], how.get("store"), how.get("workers"), how.get("campaign"),
-                     how.get("algorithm"))  # fmt: skip
+                     how.get("algorithm"), how.get("webhooks", False))  # fmt: skip
             groups.setdefault(group, []).append((row, how))
-        for (kind, store, workers, campaign, algorithm), members in groups.items():
+        for (kind, store, workers, campaign, algorithm, webhooks), members in groups.items():
             if kind == "pgbench":
                 row = members[0][0]
                 if pg is None:
@@ -644,20 +670,30 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                 customers = make_customers(workdir, algorithm or "ES256", args.jwt_customers)
                 if algorithm is None:  # the baseline: the same customers, no verification
                     customers = Customers(customers.file, None)
+            receiver_port = free_port() if webhooks else 0
             if kind == "echo":
                 command = [sys.executable, str(ECHO), "--port", str(port)]
             else:
                 dsn = pg.dsn if pg else ""
+                hook_url = f"http://127.0.0.1:{receiver_port}/hooks" if webhooks else ""
                 command = coupon_server_command(
                     workdir, store, workers, port, dsn, args.token, customers
-                    if customers is not None and customers.algorithm else None
+                    if customers is not None and customers.algorithm else None,
+                    hook_url,
                 )  # fmt: skip
             name = "echo" if kind == "echo" else f"{store}-{workers}w"
             if customers is not None:
                 name += f"-{customers.algorithm or 'userid'}"
+            if webhooks:
+                name += "-webhooks"
             log(f"starting {name}: {shlex.join(command)}")
             try:
-                with server_process(command, base_url, workdir / f"{name}.log"):
+                receiver = (
+                    webhook_receiver(receiver_port, workdir)
+                    if webhooks
+                    else contextlib.nullcontext()
+                )
+                with receiver, server_process(command, base_url, workdir / f"{name}.log"):
                     # Anonymous even for the jwt rows (refused there): the customers' tokens are
                     # first seen, and verified, in the first measured run.
                     warm_up(base_url, args, needs_campaign=kind != "echo")

@@ -34,6 +34,7 @@ class ServerProcess:
         shutdown_timeout_s: int | None = None,
         extra: dict[str, dict[str, object]] | None = None,
         auth: dict[str, object] | None = None,
+        role: str = "server",
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -55,6 +56,7 @@ class ServerProcess:
             config[section] = merged
         if auth is not None:
             config["auth"] = auth
+        self.role = role
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -62,7 +64,10 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "coupon.server", "--config", str(self.config_path)],
+                [
+                    *(sys.executable, "-m", "coupon.server", "--config", str(self.config_path)),
+                    *(("--role", self.role) if self.role != "server" else ()),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

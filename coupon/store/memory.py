@@ -35,9 +35,11 @@ from coupon.errors import (
     SoldOut,
     UserMismatch,
 )
+from coupon.webhooks.events import ISSUED, REDEEMED, REDEMPTION_CANCELLED, new_event
 
 if TYPE_CHECKING:
     from coupon.campaigns import IssueRequest, NewCampaign
+    from coupon.webhooks.memory_outbox import MemoryOutbox
 
 
 @dataclass(slots=True)
@@ -70,8 +72,9 @@ class _CampaignState:
 
 
 class MemoryStore:
-    def __init__(self, clock: Clock = system_clock) -> None:
+    def __init__(self, clock: Clock = system_clock, outbox: MemoryOutbox | None = None) -> None:
         self._clock = clock
+        self._outbox = outbox  # webhook events, recorded in the same step as each change
         self._campaigns: dict[str, _CampaignState] = {}
         self._coupons: dict[str, _Coupon] = {}  # every code of every campaign
         self.history: list[HistoryEntry] = []
@@ -130,6 +133,7 @@ class MemoryStore:
             state.by_user[request.user_id] = coupon
         if request.idempotency_key is not None:
             state.by_key[request.idempotency_key] = coupon
+        self._event(ISSUED, state, coupon, now)
         return self._issued(state, coupon, repeat=False)
 
     @staticmethod
@@ -206,6 +210,7 @@ class MemoryStore:
         coupon.order_id, coupon.redeemed_at = order_id, now
         state.redeemed += 1
         self.history.append(HistoryEntry(code, order_id, "redeem", now))
+        self._event(REDEEMED, state, coupon, now, order_id)
         return self._redemption(coupon, state)
 
     async def cancel_redemption(self, code: str, order_id: str, *, brand: str | None) -> Coupon:
@@ -215,9 +220,30 @@ class MemoryStore:
             coupon.order_id, coupon.redeemed_at = None, None
             state.redeemed -= 1
             self.history.append(HistoryEntry(code, order_id, "cancel", now))
+            self._event(REDEMPTION_CANCELLED, state, coupon, now, order_id)
         elif coupon.order_id is not None or not self._cancelled_by(code, order_id):
             raise NotHolder()
         return self._coupon_view(coupon, state)
+
+    def _event(
+        self,
+        event_type: str,
+        state: _CampaignState,
+        coupon: _Coupon,
+        now: datetime,
+        order_id: str | None = None,
+    ) -> None:
+        if self._outbox is not None:
+            event = new_event(
+                event_type,
+                time=now,
+                campaign_id=coupon.campaign_id,
+                brand=state.campaign.brand,
+                code=coupon.code,
+                user_id=coupon.user_id,
+                order_id=order_id,
+            )
+            self._outbox.record([event])
 
     def _cancelled_by(self, code: str, order_id: str) -> bool:
         return any(

@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from coupon.store.queries import migrations, queries
+from coupon.webhooks.pg_schema import apply_procrastinate_schema
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -37,6 +38,7 @@ async def apply_migrations(conn: AsyncConnection[Any]) -> list[int]:
                 sql["record_migration"], {"version": migration.version, "name": migration.name}
             )
             applied_now.append(migration.version)
+        await apply_procrastinate_schema(conn)
     for version in applied_now:
         log.info("applied schema migration %04d", version)
     return applied_now

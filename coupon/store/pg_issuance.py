@@ -16,7 +16,7 @@ out); a caller who holds a code still gets it back from a sold-out or ended camp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from coupon.campaigns import IssuedCoupon
 from coupon.codes import new_code
@@ -71,12 +71,26 @@ class _Claim:
     held: IssuedCoupon | None = None  # a code stored earlier: these callers get it back
 
 
+class IssuedRecorder(Protocol):
+    """Writes what the group issued somewhere else in the same transaction (webhook events)."""
+
+    async def __call__(
+        self,
+        conn: AsyncConnection[Any],
+        campaign_id: uuid.UUID,
+        coupons: Sequence[tuple[str, str | None]],
+        at: datetime,
+    ) -> None: ...
+
+
 async def issue_group(
     conn: AsyncConnection[Any],
     sql: Mapping[str, str],
     campaign_id: uuid.UUID,
     requests: Sequence[IssueRequest],
     trace: GroupTrace | None = None,
+    *,
+    on_issued: IssuedRecorder | None = None,
 ) -> GroupOutcome:
     results: list[IssuedCoupon | CouponError | None] = [None] * len(requests)
     async with conn.transaction():
@@ -109,6 +123,9 @@ async def issue_group(
             _settle(results, claim, IssuedCoupon(code=code, issued_at=now), facts, repeat=False)
         for claim in losers:
             _fail(results, claim, SoldOut())
+        if on_issued is not None and codes:
+            issued = [(code, claim.user_id) for code, claim in zip(codes, winners, strict=True)]
+            await on_issued(conn, campaign_id, issued, now)
         outcome.sold_out = after - unused >= total
         outcome.results = _complete(results)
         if trace is not None:

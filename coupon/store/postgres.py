@@ -38,7 +38,7 @@ from coupon.store.pg_issuance import CampaignFacts, issue_group
 from coupon.store.queries import queries
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Iterator, Sequence
 
     from psycopg import AsyncConnection
 
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
         Redemption,
     )
     from coupon.config import DatabaseConfig
+    from coupon.webhooks.pg_outbox import PgOutbox
 
 log = logging.getLogger("coupon.store.postgres")
 
@@ -115,8 +116,10 @@ class PostgresStore:
         retry_initial_s: float = 0.5,
         retry_max_s: float = 5.0,
         clock: Clock = system_clock,
+        outbox: PgOutbox | None = None,
     ) -> None:
         self.config = config
+        self._outbox = outbox  # webhook events, written in each change's transaction
         self._clock = clock
         # Clocks of app hosts and the database may differ a little: only refuse "not started"
         # locally when the start is further away than any sane skew.
@@ -340,7 +343,14 @@ class PostgresStore:
             began = self._clock()
             try:
                 with sever_at(conn, group.deadline):
-                    outcome = await issue_group(conn, self._sql, cid, requests, trace=trace)
+                    outcome = await issue_group(
+                        conn,
+                        self._sql,
+                        cid,
+                        requests,
+                        trace=trace,
+                        on_issued=None if self._outbox is None else self._outbox.issued,
+                    )
             except psycopg.Error:
                 if trace.pending is None or trace.xid is None:
                     raise  # failed before COMMIT: nothing of this group is stored
@@ -351,6 +361,8 @@ class PostgresStore:
                 outcome.sold_out = outcome.sold_out and committed is True
         if trace.db_now is not None:
             self._learn_skew(trace.db_now, began)
+        if self._outbox is not None:
+            metrics.WEBHOOK_EVENTS_WRITTEN.inc(_new_codes(outcome.results))
         if outcome.facts is not None:
             self._facts.put(cid, outcome.facts)
         if outcome.sold_out:
@@ -420,12 +432,29 @@ class PostgresStore:
         self, code: str, order_id: str, user_id: str | None, *, brand: str | None
     ) -> Redemption:
         await self._ensure_migrated()
-        async with self._connection() as conn:
+        async with self._connection() as conn, self._with_events(conn, code, order_id):
             return await pg_lifecycle.redeem_coupon(
                 conn, self._sql, code, order_id=order_id, user_id=user_id, brand=brand
             )
 
     async def cancel_redemption(self, code: str, order_id: str, *, brand: str | None) -> Coupon:
         await self._ensure_migrated()
-        async with self._connection() as conn:
+        async with self._connection() as conn, self._with_events(conn, code, order_id):
             return await pg_lifecycle.cancel_redemption(conn, self._sql, code, order_id, brand)
+
+    @contextlib.asynccontextmanager
+    async def _with_events(
+        self, conn: AsyncConnection[Any], code: str, order_id: str
+    ) -> AsyncIterator[None]:
+        """With webhooks: one transaction holding the change and its event (outbox)."""
+        if self._outbox is None:
+            yield
+            return
+        async with conn.transaction():
+            yield
+            written = await self._outbox.history_written(conn, code, order_id)
+        metrics.WEBHOOK_EVENTS_WRITTEN.inc(written)
+
+
+def _new_codes(results: Sequence[IssuedCoupon | CouponError]) -> int:
+    return sum(1 for r in results if isinstance(r, IssuedCoupon) and not r.repeat)

@@ -1,0 +1,101 @@
+"""One signed POST of a batch of events to one endpoint, and the retry schedule."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import httpx
+from protobuf.wkt import Timestamp
+
+from coupon import metrics
+from coupon.gen import coupon_pb
+from coupon.webhooks.signing import HEADER, signature_header
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from coupon.config import WebhookEndpoint
+    from coupon.webhooks.events import Event
+
+log = logging.getLogger("coupon.webhooks")
+
+
+class DeliveryFailed(Exception):
+    """A POST that was not acknowledged. The message names no URL (it may hold credentials)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential: initial, 2x initial, 4x ... never more than `cap_s`."""
+
+    initial_s: float
+    cap_s: float
+    max_attempts: int
+
+    def delay_s(self, attempts_done: int) -> float:
+        return float(min(self.initial_s * 2 ** max(attempts_done - 1, 0), self.cap_s))
+
+    def gives_up(self, attempts_done: int) -> bool:
+        return attempts_done >= self.max_attempts
+
+
+def endpoints_for(endpoints: Sequence[WebhookEndpoint], brand: str) -> list[WebhookEndpoint]:
+    """The endpoints that receive a brand's events: its own, and those of every brand."""
+    return [e for e in endpoints if not e.brand or e.brand == brand]
+
+
+def encode_batch(events: Sequence[Event]) -> bytes:
+    """The POST body: proto3 JSON of coupon.EventBatch."""
+    batch = coupon_pb.EventBatch(
+        events=[
+            coupon_pb.Event(
+                id=e.id,
+                type=e.type,
+                time=Timestamp.from_datetime(e.time),
+                campaign_id=e.campaign_id,
+                brand=e.brand,
+                code=e.code,
+                user_id=e.user_id,
+                order_id=e.order_id,
+            )
+            for e in events
+        ]
+    )
+    return batch.to_json().encode()
+
+
+class Deliverer:
+    def __init__(self, timeout_s: float, *, unix_clock: Callable[[], float] = time.time) -> None:
+        self._clock = unix_clock
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            headers={"User-Agent": "coupon-issuer-webhooks"},
+            follow_redirects=False,
+        )
+
+    async def post(self, endpoint: WebhookEndpoint, events: Sequence[Event]) -> None:
+        """POST the batch once; any 2xx acknowledges all of it, anything else raises."""
+        body = encode_batch(events)
+        headers = {
+            "Content-Type": "application/json",
+            HEADER: signature_header(endpoint.secret, body, int(self._clock())),
+        }
+        try:
+            response = await self._client.post(endpoint.url, content=body, headers=headers)
+        except httpx.HTTPError as e:
+            metrics.WEBHOOK_POSTS_FAILED.inc()
+            raise DeliveryFailed(f"no answer ({type(e).__name__})") from None
+        if not 200 <= response.status_code < 300:
+            metrics.WEBHOOK_POSTS_FAILED.inc()
+            raise DeliveryFailed(f"answered HTTP {response.status_code}")
+        metrics.WEBHOOK_EVENTS_DELIVERED.inc(len(events))
+        now = datetime.now(UTC)
+        for event in events:
+            metrics.WEBHOOK_DELIVERY_LAG.observe(max((now - event.time).total_seconds(), 0.0))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
