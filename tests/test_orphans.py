@@ -126,9 +126,13 @@ def stored(base_url: str, campaign_id: str) -> tuple[int, list[str]]:
 def server_ok_count(base_url: str) -> int:
     """IssueCoupon calls the server answered with a code (its own count, before sending)."""
     text = httpx.get(base_url + "/metrics", timeout=30).text
-    pattern = r'coupon_requests_total\{code="ok",method="IssueCoupon"\} ([0-9.e+]+)'
-    match = re.search(pattern, text)
-    return int(float(match.group(1))) if match else 0
+    # One series per caller (the `key` label): the answers are their sum.
+    series = re.findall(r"^coupon_requests_total\{([^}]*)\} ([0-9.e+]+)$", text, re.MULTILINE)
+    return sum(
+        int(float(value))
+        for labels, value in series
+        if 'code="ok"' in labels and 'method="IssueCoupon"' in labels
+    )
 
 
 @contextlib.asynccontextmanager
