@@ -60,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         os.environ.pop(CONFIG_PATH_ENV, None)
     log.info(
-        "starting: store=%s host=%s port=%d workers=%d",
+        "starting: store=%s host=%s port=%d workers=%d engine=%s",
         config.store.type,
         config.server.host,
         config.server.port,
         config.server.workers,
+        config.server.engine,
     )
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
     # it found. Finding this one, a graceful stop exits 0, as service managers expect (and a
@@ -82,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         "server_header": False,
     }
     try:
+        if config.server.engine == "pyvoy":
+            # Imported here: Envoy's module loads only for the engine that needs it.
+            from coupon.pyvoy_server import serve
+
+            return serve(config)
         if config.server.workers > 1:
             # What uvicorn.run does for several workers, with a supervisor that lets go of the
             # listening socket when it stops (see _ClosingMultiprocess).
