@@ -23,7 +23,7 @@ import time
 import urllib.request
 from typing import TYPE_CHECKING
 
-from pyvoy import PyvoyServer
+from pyvoy import PyvoyServer, StartupError
 
 if TYPE_CHECKING:
     from coupon.config import Config
@@ -58,8 +58,13 @@ async def _serve(config: Config) -> int:
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(stop_signal, stop.set)
     try:
-        for server in servers:
-            await server.start()
+        try:
+            for server in servers:
+                await server.start()
+        except StartupError:
+            # Envoy has said why on stderr (a port in use, most often).
+            log.error("Envoy did not start; its own message is above")
+            return 1
         log.info(
             "serving HTTP/1.1 and h2c (native gRPC) on %s:%d with %d Envoy process(es)",
             servers[0].listener_address,

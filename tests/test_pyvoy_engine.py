@@ -7,6 +7,8 @@ engine offers still holds inside Envoy.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -159,3 +161,23 @@ def test_a_call_that_never_finishes_does_not_outlive_shutdown_timeout(
     print(f"\npyvoy shutdown timeout: exit {returncode} after {seconds:.2f}s")
     assert returncode == 0, log
     assert f"calls still running after {timeout_s}s; stopping anyway" in log
+
+
+def test_a_port_in_use_stops_the_server_with_envoys_reason_and_exit_1(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.yaml"
+        config.write_text(f"server: {{port: {port}, engine: pyvoy}}\n")
+        done = subprocess.run(
+            [sys.executable, "-m", "coupon.server", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert "Address already in use" in done.stderr
+    assert "Envoy did not start" in done.stderr
+    assert "Traceback" not in done.stderr
