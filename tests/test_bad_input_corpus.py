@@ -16,11 +16,23 @@ from tests.support import SERVICE, call
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-METHODS = ("CreateCampaign", "IssueCoupon", "GetCampaign")
+METHODS = (
+    "CreateCampaign",
+    "IssueCoupon",
+    "GetCampaign",
+    "GetCoupon",
+    "RedeemCoupon",
+    "CancelRedemption",
+)
+# Each body sets one field, so a request that needs two is always incomplete. ListCampaigns is
+# left out: every field of it is optional, so such a body may well be valid.
 FIELDS = {
-    "CreateCampaign": ("name", "total", "startTime"),
-    "IssueCoupon": ("campaignId", "userId"),
+    "CreateCampaign": ("name", "total", "startTime", "endTime", "discount", "metadata", "brand"),
+    "IssueCoupon": ("campaignId", "userId", "idempotencyKey"),
     "GetCampaign": ("campaignId", "pageSize", "pageToken"),
+    "GetCoupon": ("code",),
+    "RedeemCoupon": ("code", "orderId", "userId"),
+    "CancelRedemption": ("code", "orderId"),
 }
 WRONG_VALUES: list[object] = [
     None,

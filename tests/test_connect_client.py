@@ -6,11 +6,30 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
+from protobuf import Oneof
 from protobuf.wkt import Timestamp
 
 from coupon.codes import is_code
 from coupon.gen.coupon_connect import CouponServiceClient
-from coupon.gen.coupon_pb import CreateCampaignRequest, GetCampaignRequest, IssueCouponRequest
+from coupon.gen.coupon_pb import (
+    CancelRedemptionRequest,
+    CouponState,
+    CreateCampaignRequest,
+    Discount,
+    GetCampaignRequest,
+    GetCouponRequest,
+    IssueCouponRequest,
+    RedeemCouponRequest,
+)
+from coupon.gen.google.rpc.error_details_pb import ErrorInfo
+
+
+def reason_of(error: ConnectError) -> tuple[str, str]:
+    """(domain, reason) of the error's google.rpc.ErrorInfo detail, as a client reads it."""
+    (detail,) = error.details
+    info = detail.value(ErrorInfo)
+    assert isinstance(info, ErrorInfo)
+    return info.domain, info.reason
 
 
 async def test_the_main_calls_through_the_generated_client(server: str) -> None:
@@ -64,3 +83,44 @@ async def test_grpc_web_clients_work(server: str) -> None:
         with pytest.raises(ConnectError) as sold_out:
             await client.issue_coupon(IssueCouponRequest(campaign_id=created.campaign_id))
         assert sold_out.value.code == Code.RESOURCE_EXHAUSTED
+
+
+async def test_refusals_carry_their_reason_to_the_generated_client(server: str) -> None:
+    async with CouponServiceClient(server) as client:
+        created = await client.create_campaign(
+            CreateCampaignRequest(
+                name="life", total=1, discount=Discount(kind=Oneof("percent_off", 25))
+            )
+        )
+        issued = await client.issue_coupon(
+            IssueCouponRequest(campaign_id=created.campaign_id, idempotency_key="k1")
+        )
+        assert issued.discount is not None
+        assert issued.discount.kind == Oneof("percent_off", 25)
+        redeemed = await client.redeem_coupon(RedeemCouponRequest(code=issued.code, order_id="o1"))
+        assert (redeemed.order_id, redeemed.campaign_id) == ("o1", created.campaign_id)
+        coupon = await client.get_coupon(GetCouponRequest(code=issued.code))
+        assert coupon.state == CouponState.REDEEMED
+
+        refusals = {
+            "SOLD_OUT": client.issue_coupon(IssueCouponRequest(campaign_id=created.campaign_id)),
+            "IDEMPOTENCY_KEY_REUSED": client.issue_coupon(
+                IssueCouponRequest(
+                    campaign_id=created.campaign_id, idempotency_key="k1", user_id="u"
+                )
+            ),
+            "ALREADY_REDEEMED": client.redeem_coupon(
+                RedeemCouponRequest(code=issued.code, order_id="o2")
+            ),
+            "NOT_HOLDER": client.cancel_redemption(
+                CancelRedemptionRequest(code=issued.code, order_id="o2")
+            ),
+            "COUPON_NOT_FOUND": client.get_coupon(GetCouponRequest(code="가나다라마바사아자1")),
+            "CAMPAIGN_NOT_FOUND": client.get_campaign(
+                GetCampaignRequest(campaign_id="00000000-0000-4000-8000-000000000000")
+            ),
+        }
+        for expected, pending in refusals.items():
+            with pytest.raises(ConnectError) as refused:
+                await pending
+            assert reason_of(refused.value) == ("coupon", expected)

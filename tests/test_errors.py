@@ -16,6 +16,7 @@ from coupon.config import Config
 from coupon.rpc_errors import CONNECT_CODE_BY_ERROR, to_connect_error
 from coupon.store.memory import MemoryStore
 from tests.support import JSON, SERVICE, ServerThread, call
+from tests.test_lifecycle_contract import reason
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -30,6 +31,13 @@ UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
         (errors.CampaignNotFound(), "not_found", 404),
         (errors.CampaignNotStarted(datetime(2030, 1, 1, tzinfo=UTC)), "failed_precondition", 400),
         (errors.SoldOut(), "resource_exhausted", 429),
+        (errors.CouponNotFound(), "not_found", 404),
+        (errors.CampaignEnded(), "failed_precondition", 400),
+        (errors.CouponExpired(), "failed_precondition", 400),
+        (errors.AlreadyRedeemed(), "failed_precondition", 400),
+        (errors.NotHolder(), "failed_precondition", 400),
+        (errors.UserMismatch(), "failed_precondition", 400),
+        (errors.IdempotencyKeyReused(), "failed_precondition", 400),
         (errors.StoreUnavailable(), "unavailable", 503),
         (errors.Unauthenticated(), "unauthenticated", 401),
         (errors.PermissionDenied(), "permission_denied", 403),
@@ -48,6 +56,10 @@ async def test_every_error_reaches_the_client_with_its_code_and_status(
             status, body = await call(client, "IssueCoupon", {"campaignId": UNKNOWN_ID})
             assert (status, body["code"]) == (http_status, code)
             assert "hunter2" not in body["message"]
+            if isinstance(error, errors.CouponError) and error.reason is not None:
+                assert reason(body) == error.reason
+            else:
+                assert "details" not in body
             # The same connection keeps working after any error, a bug included.
             status, _ = await call(client, "CreateCampaign", {"name": "n", "total": 1})
             assert status == 200
@@ -98,6 +110,63 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any] | bytes, str]] = [
     ("GetCampaign", {"campaignId": UNKNOWN_ID, "pageSize": -1}, "invalid_argument"),
     ("GetCampaign", {"campaignId": UNKNOWN_ID, "pageSize": 10_001}, "invalid_argument"),
     ("GetCampaign", {"campaignId": UNKNOWN_ID, "pageToken": "garbage!"}, "invalid_argument"),
+]
+
+# One test walks these on one server per store (a server per case would cost a minute).
+V2_BAD_REQUESTS: list[tuple[str, dict[str, Any] | bytes, str]] = [
+    *(
+        ("CreateCampaign", {"name": "x", "total": 1, **fields}, "invalid_argument")
+        for fields in [
+            {"endTime": "2020-01-01T00:00:00Z"},  # before now
+            {"startTime": "2030-01-02T00:00:00Z", "endTime": "2030-01-01T00:00:00Z"},
+            {"startTime": "2030-01-01T00:00:00Z", "endTime": "2030-01-01T00:00:00Z"},
+            {"endTime": "soon"},
+            {"discount": {"percentOff": 0}},
+            {"discount": {"percentOff": 101}},
+            {"discount": {"percentOff": -5}},
+            {"discount": {"amountOff": {"currency": "KRW", "minorUnits": "0"}}},
+            {"discount": {"amountOff": {"currency": "KRW", "minorUnits": "-1"}}},
+            {"discount": {"amountOff": {"currency": "krw", "minorUnits": "100"}}},
+            {"discount": {"amountOff": {"currency": "WON!", "minorUnits": "100"}}},
+            {"discount": {"amountOff": {"minorUnits": "100"}}},
+            {"discount": {"percent": 5}},
+            {"metadata": {f"k{i}": "v" for i in range(21)}},
+            {"metadata": {"": "v"}},
+            {"metadata": {"k" * 41: "v"}},
+            {"metadata": {"k": "v" * 501}},
+            {"metadata": {"k": "line\nbreak"}},
+            {"metadata": {"k": 1}},
+            {"metadata": ["k", "v"]},
+            {"brand": "-acme"},
+            {"brand": "a" * 65},
+            {"brand": "acme brand"},
+            {"brand": "ácme"},
+        ]
+    ),
+    ("IssueCoupon", {"campaignId": UNKNOWN_ID, "idempotencyKey": "k" * 65}, "invalid_argument"),
+    ("IssueCoupon", {"campaignId": UNKNOWN_ID, "idempotencyKey": "a b"}, "invalid_argument"),
+    ("IssueCoupon", {"campaignId": UNKNOWN_ID, "idempotencyKey": "키"}, "invalid_argument"),
+    ("GetCoupon", {}, "invalid_argument"),
+    ("GetCoupon", {"code": "ABCDEFGHIJ"}, "invalid_argument"),
+    ("GetCoupon", {"code": "가나다라마바사아자1" + "1"}, "invalid_argument"),
+    ("GetCoupon", {"code": "가나다라마바사아자1"}, "not_found"),
+    ("RedeemCoupon", {"code": "가나다라마바사아자1"}, "invalid_argument"),
+    ("RedeemCoupon", {"orderId": "o"}, "invalid_argument"),
+    ("RedeemCoupon", {"code": "가나다라마바사아자1", "orderId": "o" * 129}, "invalid_argument"),
+    ("RedeemCoupon", {"code": "가나다라마바사아자1", "orderId": "o\u0000"}, "invalid_argument"),
+    (
+        "RedeemCoupon",
+        {"code": "가나다라마바사아자1", "orderId": "o", "userId": "u" * 129},
+        "invalid_argument",
+    ),
+    ("RedeemCoupon", {"code": "가나다라마바사아자1", "orderId": "o"}, "not_found"),
+    ("CancelRedemption", {"code": "가나다라마바사아자1"}, "invalid_argument"),
+    ("CancelRedemption", {"code": "nope", "orderId": "o"}, "invalid_argument"),
+    ("CancelRedemption", {"code": "가나다라마바사아자1", "orderId": "o"}, "not_found"),
+    ("ListCampaigns", {"pageSize": -1}, "invalid_argument"),
+    ("ListCampaigns", {"pageSize": 1001}, "invalid_argument"),
+    ("ListCampaigns", {"pageToken": "garbage!"}, "invalid_argument"),
+    ("ListCampaigns", {"pageToken": "MTox"}, "invalid_argument"),
 ]
 
 
@@ -171,3 +240,13 @@ async def test_internal_errors_are_logged_with_their_traceback(
     assert records
     assert records[0].exc_info is not None
     assert "CreateCampaign" in records[0].getMessage()
+
+
+async def test_bad_v2_input_gets_a_clear_connect_error(client: httpx.AsyncClient) -> None:
+    failures = []
+    for method, body, code in V2_BAD_REQUESTS:
+        status, reply = await call(client, method, body)
+        expected_status = {"invalid_argument": 400, "not_found": 404}[code]
+        if (status, reply.get("code")) != (expected_status, code) or not reply.get("message"):
+            failures.append((method, body, status, reply))
+    assert failures == []

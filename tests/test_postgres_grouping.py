@@ -13,7 +13,7 @@ import pytest
 
 import coupon.store.postgres as pg_store_module
 from coupon.campaigns import IssuedCoupon, IssueRequest
-from coupon.errors import CampaignNotStarted, SoldOut
+from coupon.errors import CampaignNotStarted, IdempotencyKeyReused, SoldOut
 from coupon.store.pg_issuance import issue_group
 from coupon.store.queries import queries
 from tests.postgres import open_postgres_store
@@ -30,7 +30,9 @@ async def test_one_group_with_duplicate_users_and_more_claims_than_coupons(pg_ds
         created = await pg.create_campaign(campaign(3))
     calls = ["a", "a", None, "b", "a", None, "b"]
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
-        outcome = await issue_group(conn, queries(), uuid.UUID(created.id), calls)
+        outcome = await issue_group(
+            conn, queries(), uuid.UUID(created.id), [IssueRequest(user_id=u) for u in calls]
+        )
     results = outcome.results
     # Claims in arrival order: a, anonymous#2, b, anonymous#5; three coupons: the last is out.
     assert [type(r).__name__ for r in results] == ["IssuedCoupon"] * 5 + ["SoldOut", "IssuedCoupon"]
@@ -55,12 +57,49 @@ async def test_one_group_with_duplicate_users_and_more_claims_than_coupons(pg_ds
     assert await audit(pg_dsn) == []
 
 
+async def test_one_group_shares_a_claim_per_idempotency_key(pg_dsn: str) -> None:
+    async with open_postgres_store(pg_dsn) as pg:
+        created = await pg.create_campaign(campaign(10))
+        earlier = await pg.issue_coupon(created.id, IssueRequest(idempotency_key="old"))
+    calls = [
+        IssueRequest(idempotency_key="k1"),
+        IssueRequest(user_id="u", idempotency_key="k2"),
+        IssueRequest(idempotency_key="k1"),
+        IssueRequest(user_id="v", idempotency_key="k2"),  # k2 belongs to u: refused
+        IssueRequest(idempotency_key="old"),  # stored by an earlier group
+        IssueRequest(user_id="u"),  # u's claim (made under k2)
+        IssueRequest(user_id="w", idempotency_key="old"),  # "old" belongs to nobody: refused
+    ]
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        outcome = await issue_group(conn, queries(), uuid.UUID(created.id), calls)
+    k1, u_k2, k1_again, v_k2, old, u, w_old = outcome.results
+    assert isinstance(k1, IssuedCoupon)
+    assert isinstance(k1_again, IssuedCoupon)
+    assert (k1_again.code, k1.repeat, k1_again.repeat) == (k1.code, False, True)
+    assert isinstance(u_k2, IssuedCoupon)
+    assert isinstance(u, IssuedCoupon)
+    assert (u.code, u.repeat) == (u_k2.code, True)
+    assert isinstance(old, IssuedCoupon)
+    assert (old.code, old.repeat) == (earlier.code, True)
+    assert isinstance(v_k2, IdempotencyKeyReused)
+    assert isinstance(w_old, IdempotencyKeyReused)
+    rows = await sql(pg_dsn, "SELECT user_id, idempotency_key FROM coupons ORDER BY seq")
+    assert rows == [(None, "old"), (None, "k1"), ("u", "k2")]
+    assert await sql(pg_dsn, "SELECT issued FROM campaigns") == [(3,)]
+    assert await audit(pg_dsn) == []
+
+
 async def test_users_who_already_hold_a_code_give_their_positions_back(pg_dsn: str) -> None:
     async with open_postgres_store(pg_dsn) as pg:
         created = await pg.create_campaign(campaign(3))
         first = await pg.issue_coupon(created.id, IssueRequest(user_id="holder"))
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
-        outcome = await issue_group(conn, queries(), uuid.UUID(created.id), ["holder", None, "new"])
+        outcome = await issue_group(
+            conn,
+            queries(),
+            uuid.UUID(created.id),
+            [IssueRequest(user_id="holder"), IssueRequest(), IssueRequest(user_id="new")],
+        )
     holder, anonymous, new = outcome.results
     assert isinstance(holder, IssuedCoupon)
     assert (holder.code, holder.repeat) == (first.code, True)
@@ -110,9 +149,9 @@ def issuance_queries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the issuance transactions the store starts."""
     started: list[int] = []
 
-    async def counting(conn: Any, sql_: Any, cid: uuid.UUID, user_ids: Sequence[str | None]) -> Any:
-        started.append(len(user_ids))
-        return await issue_group(conn, sql_, cid, user_ids)
+    async def counting(conn: Any, sql_: Any, cid: uuid.UUID, calls: Sequence[IssueRequest]) -> Any:
+        started.append(len(calls))
+        return await issue_group(conn, sql_, cid, calls)
 
     monkeypatch.setattr(pg_store_module, "issue_group", counting)
     return started

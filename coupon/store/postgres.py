@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -20,7 +20,7 @@ import psycopg.errors
 from psycopg_pool import AsyncConnectionPool
 
 from coupon import metrics
-from coupon.campaigns import Campaign, CampaignPage, IssuedCoupon
+from coupon.campaigns import Campaign, CampaignPage, IssuedCoupon, IssueRequest
 from coupon.clock import Clock, system_clock
 from coupon.errors import (
     CampaignNotFound,
@@ -29,6 +29,7 @@ from coupon.errors import (
     SoldOut,
     StoreUnavailable,
 )
+from coupon.store import pg_lifecycle
 from coupon.store.grouping import GroupRunner
 from coupon.store.migrations import apply_migrations
 from coupon.store.pg_issuance import CampaignFacts, issue_group
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from coupon.campaigns import (
         CampaignList,
         Coupon,
-        IssueRequest,
         ListCursor,
         NewCampaign,
         Redemption,
@@ -89,7 +89,7 @@ class PostgresStore:
         self._start_margin = timedelta(seconds=config.start_margin_s)
         self._facts: dict[uuid.UUID, CampaignFacts] = {}
         self._sold_out: set[uuid.UUID] = set()
-        self._groups: GroupRunner[uuid.UUID, str | None, IssuedCoupon] = GroupRunner(
+        self._groups: GroupRunner[uuid.UUID, IssueRequest, IssuedCoupon] = GroupRunner(
             self._issue_group,
             max_group_size=config.max_group_size,
             on_group=metrics.GROUP_SIZE.observe,
@@ -192,50 +192,57 @@ class PostgresStore:
         await self._ensure_migrated()
         async with self._connection() as conn:
             cursor = await conn.execute(
-                self._q("create_campaign"),
-                {
-                    "id": uuid.UUID(campaign.id),
-                    "name": campaign.name,
-                    "total": campaign.total,
-                    "start_time": campaign.start_time,
-                },
+                self._q("create_campaign"), pg_lifecycle.create_params(campaign)
             )
             row = await cursor.fetchone()
         assert row is not None
-        self._facts[uuid.UUID(campaign.id)] = CampaignFacts(total=campaign.total, start_time=row[0])
+        start_time, created_at = row
+        self._facts[uuid.UUID(campaign.id)] = CampaignFacts(
+            campaign.total, start_time, campaign.end_time, campaign.discount
+        )
         return Campaign(
             id=campaign.id,
             name=campaign.name,
             total=campaign.total,
-            start_time=row[0],
+            start_time=start_time,
             issued=0,
+            end_time=campaign.end_time,
+            discount=campaign.discount,
+            metadata=dict(campaign.metadata),
+            brand=campaign.brand,
+            created_at=created_at,
         )
 
     async def issue_coupon(self, campaign_id: str, request: IssueRequest) -> IssuedCoupon:
         """Issue one code, grouped with the campaign's other calls arriving meanwhile.
 
         Answers without a query when the answer is certain: a campaign this process saw sold
-        out stays sold out (for calls without a user, who cannot hold an earlier code), and a
-        start instant more than `start_margin_s` away by this host's clock has not come yet.
-        Near the boundary the database clock decides.
+        out stays sold out (for calls with neither user nor key, which cannot hold an earlier
+        code, while its end is more than `start_margin_s` away: from then on ENDED is the
+        answer), and a start instant more than `start_margin_s` away by this host's clock has
+        not come yet. Near either boundary the database clock decides.
         """
         cid = uuid.UUID(campaign_id)
-        user_id = request.user_id
-        if request.idempotency_key is not None:
-            raise NotImplementedError("idempotency keys on PostgreSQL: issue 9, in progress")
-        if user_id is None and cid in self._sold_out:
-            raise SoldOut()
+        now = self._clock()
         facts = self._facts.get(cid)
-        if facts is not None and self._clock() < facts.start_time - self._start_margin:
+        anonymous = request.user_id is None and request.idempotency_key is None
+        if anonymous and cid in self._sold_out and self._far_from_end(facts, now):
+            raise SoldOut()
+        if facts is not None and now < facts.start_time - self._start_margin:
             raise CampaignNotStarted(facts.start_time)
         await self._ensure_migrated()
-        return await self._groups.submit(cid, user_id)
+        return await self._groups.submit(cid, request)
+
+    def _far_from_end(self, facts: CampaignFacts | None, now: datetime) -> bool:
+        return facts is not None and (
+            facts.end_time is None or now < facts.end_time - self._start_margin
+        )
 
     async def _issue_group(
-        self, cid: uuid.UUID, user_ids: Sequence[str | None]
+        self, cid: uuid.UUID, requests: Sequence[IssueRequest]
     ) -> list[IssuedCoupon | CouponError]:
         async with self._connection() as conn:
-            outcome = await issue_group(conn, self._sql, cid, user_ids)
+            outcome = await issue_group(conn, self._sql, cid, requests)
         if outcome.facts is not None:
             self._facts[cid] = outcome.facts
         if outcome.sold_out:
@@ -249,37 +256,48 @@ class PostgresStore:
         async with self._connection() as conn:
             cursor = await conn.execute(
                 self._q("campaign_page"),
-                {"campaign_id": uuid.UUID(campaign_id), "after_seq": after_seq, "limit": limit + 1},
+                {
+                    "campaign_id": uuid.UUID(campaign_id),
+                    "after_seq": after_seq,
+                    "limit": limit + 1,
+                    "brand": brand,
+                },
             )
             rows = await cursor.fetchall()
         if not rows:
             raise CampaignNotFound()
-        name, total, issued, start_time = rows[0][:4]
         page = [(seq, code) for *_, seq, code in rows if code is not None]
         has_more = len(page) > limit
         page = page[:limit]
         return CampaignPage(
-            campaign=Campaign(
-                id=campaign_id, name=name, total=total, start_time=start_time, issued=issued
-            ),
+            campaign=pg_lifecycle.campaign_of(campaign_id, rows[0][:-2]),
             codes=[code for _, code in page],
             last_seq=page[-1][0] if page else after_seq,
             has_more=has_more,
         )
 
-    # Issue 9 (in progress): the coupon's life after issuance, on PostgreSQL.
     async def list_campaigns(
         self, after: ListCursor | None, limit: int, *, brand: str | None
     ) -> CampaignList:
-        raise NotImplementedError
+        await self._ensure_migrated()
+        async with self._connection() as conn:
+            return await pg_lifecycle.list_campaigns(conn, self._sql, after, limit, brand)
 
     async def get_coupon(self, code: str, *, brand: str | None) -> Coupon:
-        raise NotImplementedError
+        await self._ensure_migrated()
+        async with self._connection() as conn:
+            return await pg_lifecycle.get_coupon(conn, self._sql, code, brand)
 
     async def redeem_coupon(
         self, code: str, order_id: str, user_id: str | None, *, brand: str | None
     ) -> Redemption:
-        raise NotImplementedError
+        await self._ensure_migrated()
+        async with self._connection() as conn:
+            return await pg_lifecycle.redeem_coupon(
+                conn, self._sql, code, order_id=order_id, user_id=user_id, brand=brand
+            )
 
     async def cancel_redemption(self, code: str, order_id: str, *, brand: str | None) -> Coupon:
-        raise NotImplementedError
+        await self._ensure_migrated()
+        async with self._connection() as conn:
+            return await pg_lifecycle.cancel_redemption(conn, self._sql, code, order_id, brand)
