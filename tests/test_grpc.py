@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -28,13 +29,6 @@ if TYPE_CHECKING:
 
 TIMEOUT_S = 10  # per call: a hang guard, not a speed check
 
-# The four v2 methods and the v2 issuance fields are still NotImplementedError on PostgreSQL
-# on main (issue #9 builds them). Their PostgreSQL variants are expected to fail until then;
-# strict, so they turn red the day they pass and this list must shrink.
-V2_ON_POSTGRES = pytest.mark.xfail(
-    strict=True, reason="PostgreSQL v2 methods (issue #9) not on this branch yet"
-)
-
 
 @pytest.fixture(scope="module")
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> GrpcStubs:
@@ -43,7 +37,6 @@ def stubs(tmp_path_factory: pytest.TempPathFactory) -> GrpcStubs:
 
 @dataclass
 class GrpcServer:
-    store: str
     process: ServerProcess
     channel: grpc.Channel
     stub: Any  # coupon_pb2_grpc.CouponServiceStub
@@ -63,24 +56,13 @@ def grpc_server(
         with ServerProcess(tmp, dsn, workers=1, engine="pyvoy") as process:
             process.wait_for("/readyz", 200)
             with grpc.insecure_channel(f"127.0.0.1:{process.port}") as channel:
-                yield GrpcServer(
-                    request.param, process, channel, stubs.grpc.CouponServiceStub(channel)
-                )
+                yield GrpcServer(process, channel, stubs.grpc.CouponServiceStub(channel))
     finally:
         if databases is not None and dsn is not None:
             databases.drop(dsn)
 
 
-@pytest.fixture
-def v2(request: pytest.FixtureRequest, grpc_server: GrpcServer) -> None:
-    """Marks a test that needs the v2 store methods: expected to fail on PostgreSQL for now."""
-    if grpc_server.store == "postgres":
-        request.applymarker(V2_ON_POSTGRES)
-
-
-def ts(when: datetime) -> Any:
-    from google.protobuf.timestamp_pb2 import Timestamp
-
+def ts(when: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(when)
     return stamp
@@ -149,7 +131,6 @@ def test_create_issue_and_page_through_a_campaign(grpc_server: GrpcServer, stubs
     assert last.next_page_token == ""
 
 
-@pytest.mark.usefixtures("v2")
 def test_the_life_of_a_coupon(grpc_server: GrpcServer, stubs: GrpcStubs):
     pb = stubs.pb
     ends = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
@@ -278,14 +259,12 @@ def _user_mismatch(s: GrpcServer, p: GrpcStubs) -> object:
     return s.stub.RedeemCoupon(request, timeout=TIMEOUT_S)
 
 
-V1_REFUSALS: list[tuple[Refusal, grpc.StatusCode, str | None]] = [
+REFUSALS: list[tuple[Refusal, grpc.StatusCode, str | None]] = [
     (_invalid_total, grpc.StatusCode.INVALID_ARGUMENT, None),
     (_malformed_protobuf, grpc.StatusCode.INVALID_ARGUMENT, None),
     (_unknown_campaign, grpc.StatusCode.NOT_FOUND, "CAMPAIGN_NOT_FOUND"),
     (_not_started, grpc.StatusCode.FAILED_PRECONDITION, "NOT_STARTED"),
     (_sold_out, grpc.StatusCode.RESOURCE_EXHAUSTED, "SOLD_OUT"),
-]
-V2_REFUSALS: list[tuple[Refusal, grpc.StatusCode, str | None]] = [
     (_ended, grpc.StatusCode.FAILED_PRECONDITION, "ENDED"),
     (_unknown_code, grpc.StatusCode.NOT_FOUND, "COUPON_NOT_FOUND"),
     (_key_reused, grpc.StatusCode.FAILED_PRECONDITION, "IDEMPOTENCY_KEY_REUSED"),
@@ -295,45 +274,21 @@ V2_REFUSALS: list[tuple[Refusal, grpc.StatusCode, str | None]] = [
 ]
 
 
-def ids(cases: list[tuple[Refusal, grpc.StatusCode, str | None]]) -> list[str]:
-    return [make.__name__.strip("_") for make, _, _ in cases]
-
-
-def check_refusal(
-    server: GrpcServer,
+@pytest.mark.parametrize(
+    ("make", "code", "reason"), REFUSALS, ids=[make.__name__.strip("_") for make, _, _ in REFUSALS]
+)
+def test_refusals_carry_the_status_code_and_the_error_info_reason(
+    grpc_server: GrpcServer,
     stubs: GrpcStubs,
     make: Refusal,
     code: grpc.StatusCode,
     reason: str | None,
-) -> None:
-    error = refusal(lambda: make(server, stubs))
+):
+    error = refusal(lambda: make(grpc_server, stubs))
     assert error.code() == code, error  # type: ignore[attr-defined]
     assert error.details(), "a human-readable message"  # type: ignore[attr-defined]
     expected = None if reason is None else (reason, "coupon")
     assert error_info(error) == expected
-
-
-@pytest.mark.parametrize(("make", "code", "reason"), V1_REFUSALS, ids=ids(V1_REFUSALS))
-def test_refusals(
-    grpc_server: GrpcServer,
-    stubs: GrpcStubs,
-    make: Refusal,
-    code: grpc.StatusCode,
-    reason: str | None,
-):
-    check_refusal(grpc_server, stubs, make, code, reason)
-
-
-@pytest.mark.usefixtures("v2")
-@pytest.mark.parametrize(("make", "code", "reason"), V2_REFUSALS, ids=ids(V2_REFUSALS))
-def test_v2_refusals(
-    grpc_server: GrpcServer,
-    stubs: GrpcStubs,
-    make: Refusal,
-    code: grpc.StatusCode,
-    reason: str | None,
-):
-    check_refusal(grpc_server, stubs, make, code, reason)
 
 
 def test_an_unknown_method_is_unimplemented(grpc_server: GrpcServer):
@@ -342,7 +297,6 @@ def test_an_unknown_method_is_unimplemented(grpc_server: GrpcServer):
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
 
 
-@pytest.mark.usefixtures("v2")  # on PostgreSQL the v2 calls log NotImplementedError for now
 def test_the_server_logged_no_traceback(grpc_server: GrpcServer):
     """Runs after the calls above (same module-scoped server): none of them left a traceback
     (pyvoy's cancelled receive() futures did, once per call, before coupon.pyvoy_app)."""
