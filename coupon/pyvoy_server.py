@@ -7,8 +7,11 @@ HTTP/2 with prior knowledge (h2c: native gRPC, Connect over HTTP/2), on `server.
 
 pyvoy has no worker processes: `server.workers` Envoy processes bind the same port (Envoy's
 listeners set SO_REUSEPORT), each with its own interpreter, like uvicorn's workers. Envoy exits
-at once on SIGTERM, cutting in-flight calls, so a stop goes in three steps:
-1. close every listener through Envoy's admin API (new connections are refused at once);
+at once on SIGTERM, cutting in-flight calls, so a stop goes in three steps, through Envoy's
+admin API:
+1. close every listener (new connections are refused at once), then start Envoy's drain,
+   which tells every open connection to close (HTTP/1.1 `Connection: close` on its next
+   response, HTTP/2 GOAWAY), so clients on kept-alive connections go elsewhere;
 2. wait, up to `server.shutdown_timeout_s`, until no request is active;
 3. SIGTERM Envoy, which runs the app's lifespan shutdown (the store closes) and exits 0.
 """
@@ -50,6 +53,13 @@ async def _serve(config: Config) -> int:
             log_level="error",
             stdout=None,  # inherit: the app's log lines go where the server's go
             stderr=None,
+            # A drain tells every connection to close at once rather than spread over time.
+            additional_envoy_args=[
+                "--drain-strategy",
+                "immediate",
+                "--drain-time-s",
+                str(config.server.shutdown_timeout_s),
+            ],
         )
         for _ in range(config.server.workers)
     ]
@@ -91,7 +101,10 @@ async def _drain(server: PyvoyServer, timeout_s: float) -> None:
     if admin is None or server.stopped:
         return
     try:
+        # The plain drain closes the listeners at once; the graceful one then marks the open
+        # connections to close (skip_exit: we stop Envoy ourselves).
         await asyncio.to_thread(_admin, admin, "/drain_listeners", "POST")
+        await asyncio.to_thread(_admin, admin, "/drain_listeners?graceful&skip_exit", "POST")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if await asyncio.to_thread(_active_requests, admin) == 0:

@@ -103,29 +103,33 @@ def half_sent_call(port: int, campaign_id: str) -> tuple[socket.socket, bytes]:
     return sock, body[10:]
 
 
-def refused_after(base_url: str) -> list[str]:
-    """New connections, one at a time, until one is refused (bounded)."""
+def answers_until_refused(client: httpx.Client) -> list[str]:
+    """Calls on a kept-alive client, one at a time, until its connection is refused (bounded):
+    each answer's status and Connection header, or the class of the connection failure."""
     answers: list[str] = []
     deadline = time.monotonic() + WAIT_S
     while not answers or answers[-1] != "ConnectError":
         give_up_after(deadline, f"new connections refused; got {answers}")
         try:
-            answers.append(str(httpx.get(base_url + "/healthz", timeout=5).status_code))
+            response = client.get("/healthz", timeout=5)
+            answers.append(f"{response.status_code} {response.headers.get('connection', '-')}")
         except httpx.TransportError as e:
             answers.append(type(e).__name__)
     return answers
 
 
-def test_sigterm_refuses_new_connections_finishes_the_call_in_flight_and_exits_0(
-    tmp_path: Path,
-):
-    with ServerProcess(tmp_path, None, workers=1, engine="pyvoy", shutdown_timeout_s=20) as s:
+def test_sigterm_closes_connections_finishes_the_call_in_flight_and_exits_0(tmp_path: Path):
+    with (
+        ServerProcess(tmp_path, None, workers=1, engine="pyvoy", shutdown_timeout_s=20) as s,
+        httpx.Client(base_url=s.base_url) as kept_alive,
+    ):
         s.wait_for("/readyz", 200)
         campaign_id = create_campaign(s.base_url, 1)
+        assert kept_alive.get("/healthz").status_code == 200  # its connection is open now
         sock, rest = half_sent_call(s.port, campaign_id)
         started = time.monotonic()
         s.terminate(timeout_s=0)  # SIGTERM, without waiting
-        during = refused_after(s.base_url)
+        during = answers_until_refused(kept_alive)
         still_running = s.running()
         sock.sendall(rest)
         reply = sock.recv(4096)
@@ -134,10 +138,13 @@ def test_sigterm_refuses_new_connections_finishes_the_call_in_flight_and_exits_0
         stopped_after = time.monotonic() - started
         log = s.log()
     print(
-        f"\npyvoy sigterm: new connections {during}; in-flight call got {reply[:15]!r};"
+        f"\npyvoy sigterm: a kept-alive client got {during}; in-flight call got {reply[:15]!r};"
         f" exit {returncode} after {stopped_after:.2f}s"
     )
-    assert during[-1] == "ConnectError"
+    # Told to close on its open connection (maybe after answers from before the drain began),
+    # then refused when it reconnects; never cut or left hanging.
+    assert during[-2:] == ["200 close", "ConnectError"], during
+    assert all(answer == "200 -" for answer in during[:-2]), during
     assert still_running  # the server waited for the call in flight
     assert reply.startswith(b"HTTP/1.1 200 OK"), reply
     assert b'"code":"' in reply
