@@ -69,8 +69,7 @@ async def _serve(config: Config) -> int:
         loop.add_signal_handler(stop_signal, stop.set)
     try:
         try:
-            for server in servers:
-                await server.start()
+            await asyncio.gather(*(server.start() for server in servers))
         except StartupError:
             # Envoy has said why on stderr (a port in use, most often).
             log.error("Envoy did not start; its own message is above")

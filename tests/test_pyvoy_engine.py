@@ -62,7 +62,11 @@ def test_one_port_serves_connect_json_binary_health_and_metrics(tmp_path: Path):
 
 def test_two_envoy_workers_share_the_port_on_postgres(tmp_path: Path, pg_dsn: str):
     with ServerProcess(tmp_path, pg_dsn, workers=2, engine="pyvoy") as server:
-        server.wait_for("/readyz", 200)
+        server.wait_for("/readyz", 200)  # one Envoy may answer before the other has started
+        deadline = time.monotonic() + WAIT_S
+        while "with 2 Envoy process(es)" not in server.log():
+            give_up_after(deadline, "both Envoy processes started")
+            time.sleep(0.05)  # polling interval
         envoys = children_of(server.pid)
         names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in envoys]
         campaign_id = create_campaign(server.base_url, 100)
