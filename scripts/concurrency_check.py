@@ -5,7 +5,10 @@
 It creates a campaign that starts --start-in-s seconds ahead, opens --concurrency connections
 and warms each one with a GetCampaign, then releases every request at the start instant. Calls
 that land a hair before the server's start instant get failed_precondition; those are retried
-until they get a code or sold out, and counted as "early attempts". It then checks:
+until they get a code or sold out, and counted as "early attempts". Given --url several times
+(replicas of one deployment, sharing one database), it spreads the connections over them in
+turn, so the race for the last codes runs across processes; the campaign is created and audited
+through the first URL. It then checks:
 
 - exactly min(total, requests) codes were received, all distinct and well formed;
 - every other answer was resource_exhausted (sold out), and nothing else came back;
@@ -219,8 +222,11 @@ async def progress_bar(tally: Tally, requests: int, stop: asyncio.Event) -> None
 
 
 async def run(args: argparse.Namespace) -> int:
-    client = Connection(args.url, args.request_timeout_s)
-    connections = [Connection(args.url, args.request_timeout_s) for _ in range(args.concurrency)]
+    client = Connection(args.url[0], args.request_timeout_s)
+    connections = [
+        Connection(args.url[i % len(args.url)], args.request_timeout_s)
+        for i in range(args.concurrency)
+    ]
     try:
         return await run_with(args, client, connections)
     finally:
@@ -244,7 +250,7 @@ async def run_with(
             admin_headers(args.token),
         )
     except TransportError as e:
-        raise SetupError(f"cannot reach {args.url}: {e}") from e
+        raise SetupError(f"cannot reach {args.url[0]}: {e}") from e
     if status != 200 or "campaignId" not in body:
         raise SetupError(f"CreateCampaign answered HTTP {status}: {body}")
     campaign_id: str = body["campaignId"]
@@ -405,7 +411,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Burst IssueCoupon at a campaign's start instant and check exactly-N.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
+    parser.add_argument(
+        "--url",
+        action="append",
+        help="server base URL; repeat it for replicas that share one database "
+        "(default: http://127.0.0.1:8080)",
+    )
     parser.add_argument("--requests", type=int, default=10_000, help="IssueCoupon calls")
     parser.add_argument(
         "--total",
@@ -432,6 +443,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.total < 1 or args.concurrency < 1:
         parser.error("--requests, --total and --concurrency must be at least 1")
+    args.url = args.url or ["http://127.0.0.1:8080"]
+    if args.concurrency < len(args.url):
+        parser.error("--concurrency must be at least the number of --url")
     return args
 
 

@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs into .venv, then run the whole suite.
-# The only non-Python needs are the benchmark's load generators, smoke-tested by the suite:
-# wrk (HTTP/1.1) and h2load (HTTP/2 and gRPC, Debian's nghttp2-client). PostgreSQL comes from
-# the pip package pgserver unless COUPON_TEST_DSN names a server.
+# Non-Python needs, from Debian's packages: wrk and h2load (the benchmark's load generators for
+# HTTP/1.1 and for HTTP/2 and gRPC, smoke-tested by the suite) and, for the container test
+# (scripts/container_test.sh, run as root), podman with runc, mmdebstrap, podman-compose and
+# curl. PostgreSQL comes from the pip package
+# pgserver unless COUPON_TEST_DSN names a server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v wrk >/dev/null 2>&1 || ! command -v h2load >/dev/null 2>&1; then
+missing=()
+for tool in wrk podman runc mmdebstrap podman-compose curl; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")  # each tool is its package's name
+done
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)  # h2load's package
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
-      wrk nghttp2-client >/dev/null
-  else
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+      "${missing[@]}" >/dev/null
+  elif ! command -v wrk >/dev/null 2>&1 || ! command -v h2load >/dev/null 2>&1; then
     echo "scripts/test.sh: wrk or h2load is missing; install them first" \
       "(Debian/Ubuntu: sudo apt-get install wrk nghttp2-client)" >&2
     exit 1
   fi
+  # Not root: the container test skips itself (it needs root), so only wrk and h2load are
+  # required.
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'

@@ -87,13 +87,12 @@ def run_tool(command: list[str], timeout_s: float = 60) -> subprocess.CompletedP
     )
 
 
-def concurrency_check(url: str) -> subprocess.CompletedProcess[str]:
+def concurrency_check(*urls: str) -> subprocess.CompletedProcess[str]:
     return run_tool(
         [
             sys.executable,
             str(SCRIPTS / "concurrency_check.py"),
-            "--url",
-            url,
+            *(arg for url in urls for arg in ("--url", url)),
             "--requests",
             "300",
             "--total",
@@ -111,6 +110,16 @@ def test_concurrency_check_passes_against_the_server(real_server: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Issued: 20 codes, SoldOut: 280, Errors: 0" in done.stdout
     assert "OK: exactly 20 distinct codes" in done.stdout
+
+
+def test_concurrency_check_spreads_its_connections_over_every_url(real_server: str) -> None:
+    # Two servers with separate stores: the campaign exists only on the first, so the calls
+    # that reach the second answer not_found, which shows the second URL got its share.
+    with ServerThread(create_app(Config(), MemoryStore())) as other:
+        done = concurrency_check(real_server, other.base_url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "error HTTP 404 not_found" in done.stdout
+    assert "FAIL:" in done.stdout
 
 
 def test_concurrency_check_fails_against_an_overselling_server(overselling_server: str) -> None:
