@@ -18,6 +18,7 @@ N = TypeVar("N", int, float)
 STORE_TYPES = ("memory", "postgres")
 LOG_FORMATS = ("text", "json")
 ENGINES = ("uvicorn", "pyvoy")  # pyvoy: HTTP/2 and native gRPC as well (coupon/pyvoy_server.py)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class ConfigError(Exception):
@@ -34,6 +35,11 @@ class ServerConfig:
     log_level: str = "info"
     shutdown_timeout_s: int = 20
     engine: str = "uvicorn"
+    # Limits per worker process (uvicorn has no header or body timeout of its own).
+    header_timeout_s: float = 10.0  # from connect (or the previous answer) to the request's headers
+    body_timeout_s: float = 10.0  # from the headers to the request's last body byte
+    keepalive_timeout_s: int = 5  # an idle kept-alive connection is closed after this
+    max_connections: int = 2048  # open connections (and calls) per worker; more get HTTP 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,19 @@ class DatabaseConfig:
     connect_timeout_s: int = 5
     max_group_size: int = 256  # IssueCoupon calls of one campaign per transaction, at most
     start_margin_s: float = 2.0  # refuse "not started" without a query only this far ahead
+    # The longest a call waits for the store, queue included; then `unavailable`.
+    call_timeout_s: float = 5.0
+    # Server-side session settings, sent as startup `options` when session_options is true
+    # (set them per role instead behind a pooler that refuses `options`; docs/postgres.md).
+    session_options: bool = True
+    statement_timeout_s: float = 5.0
+    lock_timeout_s: float = 2.0
+    idle_in_transaction_timeout_s: float = 10.0
+    # TCP keepalives and user timeout (client side, so they work behind a pooler too).
+    keepalive_idle_s: int = 10
+    keepalive_interval_s: int = 5
+    keepalive_count: int = 3
+    tcp_user_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +214,48 @@ def _check(config: Config) -> None:
         raise ConfigError("limits.max_total must be between 1 and 2147483647")
     if config.limits.max_request_bytes < 1024:
         raise ConfigError("limits.max_request_bytes must be at least 1024")
+    _check_ranges(config)
     if (
         config.database.pool_min_size < 1
         or config.database.pool_max_size < config.database.pool_min_size
     ):
         raise ConfigError("database.pool_min_size must be >= 1 and <= database.pool_max_size")
+
+
+def _check_ranges(config: Config) -> None:
+    """Refuse values that would make the service misbehave, naming the key."""
+    if config.server.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"server.log_level must be one of {', '.join(LOG_LEVELS)}")
+    server, db = config.server, config.database
+    # (key, value, lowest allowed, highest allowed, lowest excluded)
+    ranges: list[tuple[str, float, float, float, bool]] = [
+        ("server.shutdown_timeout_s", server.shutdown_timeout_s, 0, 3600, False),
+        ("server.header_timeout_s", server.header_timeout_s, 0, 3600, True),
+        ("server.body_timeout_s", server.body_timeout_s, 0, 3600, True),
+        ("server.keepalive_timeout_s", server.keepalive_timeout_s, 1, 3600, False),
+        ("server.max_connections", server.max_connections, 1, 1_000_000, False),
+        ("database.connect_timeout_s", db.connect_timeout_s, 1, 600, False),
+        ("database.max_group_size", db.max_group_size, 1, 10_000, False),
+        ("database.start_margin_s", db.start_margin_s, 0, 3600, False),
+        ("database.call_timeout_s", db.call_timeout_s, 0, 600, True),
+        ("database.statement_timeout_s", db.statement_timeout_s, 0, 3600, False),
+        ("database.lock_timeout_s", db.lock_timeout_s, 0, 3600, False),
+        (
+            "database.idle_in_transaction_timeout_s",
+            db.idle_in_transaction_timeout_s,
+            0,
+            3600,
+            False,
+        ),
+        ("database.keepalive_idle_s", db.keepalive_idle_s, 1, 3600, False),
+        ("database.keepalive_interval_s", db.keepalive_interval_s, 1, 3600, False),
+        ("database.keepalive_count", db.keepalive_count, 1, 100, False),
+        ("database.tcp_user_timeout_s", db.tcp_user_timeout_s, 0, 3600, False),
+    ]
+    for key, value, low, high, low_excluded in ranges:
+        # `not (a <= v)` also refuses NaN, which passes every comparison as false.
+        if low_excluded:
+            if not (low < value <= high):
+                raise ConfigError(f"{key} must be greater than {low:g} and at most {high:g}")
+        elif not (low <= value <= high):
+            raise ConfigError(f"{key} must be between {low:g} and {high:g}")

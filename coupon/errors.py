@@ -98,6 +98,11 @@ class StoreUnavailable(CouponError):
     """The coupon store is unavailable; retry later."""
 
 
+class CommitUnknown(CouponError):
+    """The store lost its connection while committing and could not learn whether the coupon
+    was issued; check before retrying (a retry may take a second coupon)."""
+
+
 class Unauthenticated(CouponError):
     """This call needs a credential: Authorization: Bearer <token>."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +27,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+_CONNINFO = re.compile(r"\s*\((?:host|user|dbname|database|port)=[^)]*\)")
+
+
+class DriverDetailsFilter(logging.Filter):
+    """Drops what the database driver's own log lines may carry: host, port and user.
+
+    psycopg_pool warns with the driver's error ("connection to server at <host>, port <port>
+    failed: ... role <user> ...") and with connection reprs "(host=... user=...)". The line
+    keeps what happened, up to the first colon, without the details.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "psycopg" or record.name.startswith("psycopg."):
+            message = _CONNINFO.sub("", record.getMessage())
+            head, sep, _ = message.partition(": ")
+            withheld = " (details withheld: they may name the host, port or user)"
+            record.msg = head + withheld if sep else head
+            record.args = ()
+        return True
+
+
 def logging_config(log_format: str, level: str) -> dict[str, Any]:
     """A logging.config.dictConfig for our loggers and uvicorn's."""
     formatter: dict[str, Any] = (
@@ -37,12 +59,15 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
-        "filters": {"request_id": {"()": RequestIdFilter}},
+        "filters": {
+            "request_id": {"()": RequestIdFilter},
+            "driver_details": {"()": DriverDetailsFilter},
+        },
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
-                "filters": ["request_id"],
+                "filters": ["request_id", "driver_details"],
                 "stream": "ext://sys.stderr",
             }
         },

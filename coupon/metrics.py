@@ -48,6 +48,18 @@ POOL_CONNECTIONS = Gauge(
     multiprocess_mode="livesum",
 )
 
+DB_CLOCK_SKEW = Gauge(
+    "coupon_db_clock_skew_seconds",
+    "The database clock minus this process's clock, last measured (PostgreSQL)",
+    multiprocess_mode="liveall",
+)
+
+HTTP_READ_TIMEOUTS = Counter(
+    "coupon_http_read_timeouts",
+    "Connections closed because a request's headers or body came too slowly",
+    ["phase"],
+)
+
 
 class MetricsInterceptor:
     """A Connect metadata interceptor placed first, so it also counts calls refused before their

@@ -43,6 +43,7 @@ CONNECT_CODE_BY_ERROR: dict[type[errors.CouponError], Code] = {
     errors.IdempotencyKeyReused: Code.FAILED_PRECONDITION,
     errors.SoldOut: Code.RESOURCE_EXHAUSTED,
     errors.StoreUnavailable: Code.UNAVAILABLE,
+    errors.CommitUnknown: Code.UNKNOWN,
     errors.Unauthenticated: Code.UNAUTHENTICATED,
     errors.PermissionDenied: Code.PERMISSION_DENIED,
 }

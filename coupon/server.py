@@ -6,6 +6,7 @@ import argparse
 import logging
 import logging.config
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -18,6 +19,7 @@ from uvicorn.supervisors import Multiprocess
 
 from coupon.app import CONFIG_PATH_ENV
 from coupon.config import ConfigError, load_config
+from coupon.http_limits import limited_protocol
 from coupon.logs import logging_config
 from coupon.metrics import MULTIPROCESS_DIR_ENV
 
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     # signal that arrives before uvicorn takes over still stops the process).
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _exit_quietly)
+    _raise_file_limit(config.server.max_connections)
     options: dict[str, Any] = {
         "factory": True,
         "host": config.server.host,
@@ -81,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         "log_config": log_config,
         "timeout_graceful_shutdown": config.server.shutdown_timeout_s,
         "server_header": False,
+        "http": limited_protocol(config.server.header_timeout_s, config.server.body_timeout_s),
+        "limit_concurrency": config.server.max_connections,
+        "timeout_keep_alive": config.server.keepalive_timeout_s,
     }
     try:
         if config.server.engine == "pyvoy":
@@ -115,6 +121,23 @@ class _ClosingMultiprocess(Multiprocess):
         for sock in self.sockets:
             sock.close()
         super().terminate_all()
+
+
+def _raise_file_limit(max_connections: int) -> None:
+    """Lift the soft open-file limit to the hard one: each connection is a descriptor, and at
+    a 1,024 default the process would stop accepting long before server.max_connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < max_connections + 100:
+        log.warning(
+            "open-file limit %d is close to server.max_connections %d: new connections may "
+            "fail before the cap answers 503",
+            soft,
+            max_connections,
+        )
 
 
 def _exit_quietly(signum: int, frame: FrameType | None) -> None:

@@ -14,6 +14,9 @@ scripts/wrk/issue.lua, and ends it by its PID. Configurations (--only picks amon
 - postgres: Postgres store with 1 and 2 workers, a campaign too large to sell out
 - pgbench:  one conditional increment + insert per transaction, 64 clients (baseline for
             the Postgres rows)
+- redeem:   RedeemCoupon on Postgres, 2 workers: codes issued beforehand (not measured), each
+            request redeems a fresh one (scripts/wrk/redeem.lua); the campaign's redeemedCount
+            afterwards is checked against the acknowledged calls
 - protocols: IssueCoupon on the memory store served by server.engine pyvoy (the engine that
             speaks every protocol), c=64: Connect JSON and Connect binary over HTTP/1.1 (wrk),
             Connect binary and native gRPC over h2c (h2load, from Debian's nghttp2-client)
@@ -30,6 +33,7 @@ run say why ("not measured: ...") in the output and in the report. Every figure 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime as dt
 import importlib.metadata
@@ -56,9 +60,10 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "scripts" / "wrk" / "issue.lua"
+REDEEM_LUA = ROOT / "scripts" / "wrk" / "redeem.lua"
 ECHO = ROOT / "scripts" / "echo_server.py"
 SERVICE = "/coupon.CouponService"
-CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "pgbench", "protocols")
+CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "pgbench", "redeem", "protocols")
 # Protocol rows: (key, label, load generator and body). Same server, same campaign shape.
 PROTOCOLS = (
     ("json", "Connect JSON HTTP/1.1 (wrk)"),
@@ -71,6 +76,11 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CONNECTIONS = (64, 256)
 POSTGRES_CONNECTIONS = (64, 128, 256)  # 128: the grouping target of issue #5 (2 workers)
 LARGE_CAMPAIGN = 10_000_000  # limits.max_total: no run here comes near selling it out
+REDEEM_CONNECTIONS = 64
+# Codes issued before each RedeemCoupon run, per second of --duration: well above the rate a
+# 2-core machine redeems, so a run never wraps around its codes (the row's note would say so).
+REDEEM_CODES_PER_S = 3_000
+SEED_THREADS = 32
 PGBENCH_CLIENTS = 64
 PGBENCH_SQL = """\
 WITH c AS (
@@ -203,19 +213,30 @@ def coupon_server_command(
 def run_load(
     url: str, campaign_id: str, connections: int, duration_s: int, protocol: str
 ) -> dict[str, Any]:
-    """One load run; wrk's and h2load's results in one shape (latency in µs)."""
+    """One IssueCoupon load run; wrk's and h2load's results in one shape (latency in µs)."""
     if protocol in ("proto-h2", "grpc"):
         return run_h2load(url, campaign_id, connections, duration_s, grpc=protocol == "grpc")
-    return run_wrk(url, campaign_id, connections, duration_s, body=protocol)
+    return run_wrk(url, campaign_id, connections, duration_s, script_args=(campaign_id, protocol))
+
+
+def wrk_threads(connections: int) -> int:
+    return max(1, min(os.cpu_count() or 1, connections))
 
 
 def run_wrk(
-    url: str, campaign_id: str, connections: int, duration_s: int, body: str = "json"
+    url: str,
+    campaign_id: str,
+    connections: int,
+    duration_s: int,
+    *,
+    method: str = "IssueCoupon",
+    script: Path = LUA,
+    script_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    threads = max(1, min(os.cpu_count() or 1, connections))
+    threads = wrk_threads(connections)
     command = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
-        "-s", str(LUA), url + SERVICE + "/IssueCoupon", "--", campaign_id, body,
+        "-s", str(script), url + SERVICE + "/" + method, "--", *(script_args or (campaign_id,)),
     ]  # fmt: skip
     try:
         done = subprocess.run(
@@ -245,7 +266,7 @@ def run_h2load(
         headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
     else:
         body, headers = message, ["-H", "content-type: application/proto"]
-    threads = max(1, min(os.cpu_count() or 1, connections))
+    threads = wrk_threads(connections)
     with tempfile.TemporaryDirectory(prefix="coupon-h2load-") as tmp:
         body_path, log_path = Path(tmp) / "body", Path(tmp) / "requests.log"
         body_path.write_bytes(body)
@@ -368,6 +389,73 @@ def measure_http(
             f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms "
             f"cpu={cpu_us or 0:,.0f}µs/call {note}"
         )
+
+
+def measure_redeem(
+    base_url: str,
+    row: Row,
+    connections: int,
+    args: argparse.Namespace,
+    workdir: Path,
+    server_pid: int,
+) -> None:
+    """RedeemCoupon, one fresh code per request; the codes are issued before the clock starts."""
+    for run in range(args.runs):
+        wanted = REDEEM_CODES_PER_S * args.duration
+        status, body = rpc(
+            base_url, "CreateCampaign", {"name": "redeem", "total": wanted}, args.token
+        )
+        if status != 200:
+            raise BenchError(f"CreateCampaign answered HTTP {status}: {body}")
+        campaign_id = body["campaignId"]
+        codes = seed_codes(base_url, campaign_id, wanted)
+        codes_file = workdir / f"codes-{run}.txt"
+        codes_file.write_text("\n".join(codes) + "\n", encoding="utf-8")
+        cpu_before = process_tree_cpu_s(server_pid)
+        result = run_wrk(
+            base_url, campaign_id, connections, args.duration, method="RedeemCoupon",
+            script=REDEEM_LUA, script_args=(str(codes_file), str(wrk_threads(connections))),
+        )  # fmt: skip
+        cpu_s = process_tree_cpu_s(server_pid) - cpu_before
+        seconds = result["duration_us"] / 1e6
+        _, page = rpc(
+            base_url, "GetCampaign", {"campaignId": campaign_id, "pageSize": 1}, args.token
+        )
+        redeemed = int(page.get("redeemedCount", 0))
+        acknowledged = result["requests"] - result["non2xx"]
+        note = ""
+        socket_errors = sum(result[k] for k in ("connect", "read", "write", "timeout"))
+        if socket_errors:
+            note = f"{socket_errors} socket errors"
+        if result["requests"] > len(codes):
+            note += f" codes ran out: {result['requests']} requests for {len(codes)} codes!"
+        # wrk stops counting at the deadline with up to `connections` calls still in flight,
+        # which the server completes: those are redeemed without being acknowledged here.
+        if not acknowledged <= redeemed <= acknowledged + connections:
+            note += f" {acknowledged} acknowledged but {redeemed} redeemed!"
+        cpu_us = cpu_s * 1e6 / result["requests"] if result["requests"] else None
+        sample = Sample(
+            acknowledged / seconds, result["p50_us"] / 1000, result["p99_us"] / 1000, note, cpu_us
+        )
+        row.samples.append(sample)
+        log(
+            f"  {row.label} run {run + 1}/{args.runs}: {sample.rate:,.0f}/s "
+            f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms "
+            f"cpu={cpu_us or 0:,.0f}µs/call {note}"
+        )
+
+
+def seed_codes(base_url: str, campaign_id: str, count: int) -> list[str]:
+    """Issue `count` codes with concurrent IssueCoupon calls; raise if any call fails."""
+
+    def one(_: int) -> str:
+        status, body = rpc(base_url, "IssueCoupon", {"campaignId": campaign_id}, "")
+        if status != 200:
+            raise BenchError(f"seeding codes: IssueCoupon answered HTTP {status}: {body}")
+        return str(body["code"])
+
+    with concurrent.futures.ThreadPoolExecutor(SEED_THREADS) as pool:
+        return list(pool.map(one, range(count)))
 
 
 def issuance_transactions(base_url: str) -> float:
@@ -549,6 +637,11 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
         add("soldout-pg1@256", "sold-out storm, postgres, 1 worker, c=256",
             "sold-out answers/s", "echo@256", kind="coupon", store="postgres", workers=1,
             conns=256, campaign="soldout")  # fmt: skip
+    if "redeem" in only:
+        add(f"redeem-pg2@{REDEEM_CONNECTIONS}",
+            f"RedeemCoupon, postgres, 2 worker(s), c={REDEEM_CONNECTIONS}", "redeemed/s",
+            "pgbench", kind="coupon", store="postgres", workers=2, conns=REDEEM_CONNECTIONS,
+            campaign="redeem")  # fmt: skip
     if "pgbench" in only:
         add("pgbench", f"pgbench baseline, {PGBENCH_CLIENTS} clients", "tx/s", None,
             kind="pgbench")  # fmt: skip
@@ -569,7 +662,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
     info = machine()
     pg: Postgres | None = None
     pg_problem = ""
-    if only & {"postgres", "soldout", "pgbench"}:
+    if only & {"postgres", "soldout", "pgbench", "redeem"}:
         try:
             pg = provision_postgres(args, workdir)
             info["PostgreSQL"] = pg.version
@@ -617,6 +710,10 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                     for row, how in members:
                         log(f"{row.label}:")
                         try:
+                            if how.get("campaign") == "redeem":
+                                measure_redeem(base_url, row, how["conns"], args, workdir,
+                                               process.pid)  # fmt: skip
+                                continue
                             measure_http(base_url, row, how["conns"], args, how.get(
                                 "campaign", "echo"), server_pid=process.pid,
                                 protocol=how.get("protocol", "json"))  # fmt: skip
@@ -661,6 +758,10 @@ def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, argv
         f"h2load -c {PROTOCOL_CONNECTIONS} -m 1 -t {os.cpu_count()} -D {args.duration} "
         "-d <body> -H 'content-type: application/grpc' -H 'te: trailers' --log-file <log> "
         "http://127.0.0.1:<port>/coupon.CouponService/IssueCoupon",
+        "# RedeemCoupon row (codes issued beforehand, outside the timed run, one per line):",
+        f"wrk -t<n> -c{REDEEM_CONNECTIONS} -d{args.duration}s --timeout 10s "
+        "-s scripts/wrk/redeem.lua http://127.0.0.1:<port>/coupon.CouponService/RedeemCoupon "
+        "-- <codes file> <n>",
         "# servers: python -m coupon.server --config <tmp yaml> (server.engine uvicorn, or "
         "pyvoy for the protocol rows)  |  python scripts/echo_server.py --port <port>",
         f"pgbench -n -c {PGBENCH_CLIENTS} -j {os.cpu_count()} -T {args.duration} "

@@ -33,6 +33,7 @@ class ServerProcess:
         name: str = "server",
         shutdown_timeout_s: int | None = None,
         engine: str | None = None,
+        extra: dict[str, dict[str, object]] | None = None,
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -50,6 +51,10 @@ class ServerProcess:
         }
         if dsn is not None:
             config["database"] = {"dsn": dsn, "connect_timeout_s": 1, "pool_min_size": 1}
+        for section, values in (extra or {}).items():
+            merged = dict(config.get(section) or {})  # type: ignore[call-overload]
+            merged.update(values)
+            config[section] = merged
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self._process: subprocess.Popen[bytes] | None = None
 

@@ -340,10 +340,16 @@ async def test_sigterm_under_load_exits_0_and_every_acknowledged_code_is_stored(
     final.check_invariant()
     check_acknowledged_codes_stored(outcomes, final)
     # Refused (not parked in a backlog) while the stalled call still holds the shutdown open.
-    # Before the supervisor acts on the signal a new connection is still served; after, it is
-    # refused at once. Never accepted and then left hanging until a reset (ReadError).
+    # Before the workers act on the signal a new connection is still served (one accepted
+    # just before a worker stopped gets its answer too, with Connection: close); after, it is
+    # refused at once. Only the connection that the kernel had queued on the listening socket
+    # when its last copy closed is reset (ReadError): at most one, right before the refusals,
+    # since the probes go one at a time. Never accepted and then dropped unanswered
+    # (RemoteProtocolError), never left hanging until the server exits (alive_after_probe).
     assert during[-1] == "ConnectError"
-    assert all(answer.isdigit() for answer in during[:-1]), during
+    served, last = during[:-2], during[-2:-1]
+    assert all(answer.isdigit() for answer in served), during
+    assert all(answer.isdigit() or answer == "ReadError" for answer in last), during
     assert alive_after_probe
     assert after == "ConnectError"
     assert "timeout graceful shutdown exceeded" in log

@@ -4,6 +4,7 @@ scope, and the redemption history."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from coupon.errors import (
 from coupon.store.memory import MemoryStore
 from tests.postgres import open_postgres_store
 from tests.test_postgres_store import sql
+from tests.test_redemption_races import redemption_audit
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -225,3 +227,23 @@ async def test_a_code_held_by_an_order_is_refused_by_the_database_without_a_time
     code = (await pg.issue_coupon(created.id, IssueRequest())).code
     with pytest.raises(psycopg.errors.CheckViolation):
         await sql(pg_dsn, "UPDATE coupons SET order_id = 'o' WHERE code = %s", code)
+
+
+async def test_the_documented_audit_finds_a_forged_redemption(
+    pg: PostgresStore, pg_dsn: str
+) -> None:
+    created = await pg.create_campaign(new_campaign())
+    code = (await pg.issue_coupon(created.id, IssueRequest())).code
+    await pg.redeem_coupon(code, "o1", None, brand=None)
+    assert await redemption_audit(pg_dsn) == []
+    # Behind the store's back: a second order "redeems" the held code, and the coupon is freed.
+    await sql(
+        pg_dsn, "INSERT INTO redemptions (code, order_id, action) VALUES (%s, 'o2', 'redeem')", code
+    )
+    await sql(
+        pg_dsn, "UPDATE coupons SET order_id = NULL, redeemed_at = NULL WHERE code = %s", code
+    )
+    found = await redemption_audit(pg_dsn)
+    assert (code, "o2", "redeem", "o1", "redeem") in found  # redeemed while held
+    assert (code, None, "o2", "redeem") in found  # the history says o2 holds it
+    assert (uuid.UUID(created.id), 1, 0) in found  # counted 1, held 0

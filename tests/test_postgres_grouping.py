@@ -149,9 +149,11 @@ def issuance_queries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the issuance transactions the store starts."""
     started: list[int] = []
 
-    async def counting(conn: Any, sql_: Any, cid: uuid.UUID, calls: Sequence[IssueRequest]) -> Any:
+    async def counting(
+        conn: Any, sql_: Any, cid: uuid.UUID, calls: Sequence[IssueRequest], **kwargs: Any
+    ) -> Any:
         started.append(len(calls))
-        return await issue_group(conn, sql_, cid, calls)
+        return await issue_group(conn, sql_, cid, calls, **kwargs)
 
     monkeypatch.setattr(pg_store_module, "issue_group", counting)
     return started

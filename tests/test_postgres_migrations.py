@@ -77,3 +77,36 @@ async def test_a_v1_database_migrates_and_its_campaigns_live_on(pg_dsn: str) -> 
         page = await pg.get_campaign(str(campaign_id), 0, 10, brand=None)
         assert (page.campaign.issued, page.campaign.redeemed) == (3, 1)
     assert await audit(pg_dsn) == []
+
+
+async def test_0003_counts_what_is_already_redeemed(pg_dsn: str) -> None:
+    """A database at 0002 (whose redeemedCount was a count of codes) with redeemed codes."""
+    await sql(pg_dsn, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute(queries()["create_migrations_table"])
+        for migration in migrations()[:2]:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                queries()["record_migration"],
+                {"version": migration.version, "name": migration.name},
+            )
+        campaign_id = uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO campaigns (id, name, total, issued, start_time)"
+            " VALUES (%s, 'at 0002', 40, 40, %s)",
+            (campaign_id, V1_START),
+        )
+        for seq in range(1, 41):
+            order = f"o{seq}" if seq % 3 == 0 else None  # 13 redeemed, spread over the shards
+            await conn.execute(
+                "INSERT INTO coupons (code, campaign_id, seq, issued_at, order_id, redeemed_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (new_code(), campaign_id, seq, V1_START, order, V1_START if order else None),
+            )
+        assert [m.version for m in migrations()[2:]] == await apply_migrations(conn)
+    async with open_postgres_store(pg_dsn) as pg:
+        page = await pg.get_campaign(str(campaign_id), 0, 1, brand=None)
+        assert page.campaign.redeemed == 13
+        code = (await sql(pg_dsn, "SELECT code FROM coupons WHERE order_id = 'o3'"))[0][0]
+        await pg.cancel_redemption(str(code), "o3", brand=None)
+        assert (await pg.get_campaign(str(campaign_id), 0, 1, brand=None)).campaign.redeemed == 12

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 import coupon.store.pg_issuance as pg_issuance
+from coupon import metrics
 from coupon.campaigns import IssueRequest, NewCampaign
 from coupon.clock import ManualClock
 from coupon.config import DatabaseConfig
@@ -63,11 +64,26 @@ async def test_start_instant_is_decided_by_the_database_clock(pg_dsn: str):
 
         with pytest.raises(CampaignNotStarted):
             await pg.issue_coupon(created.id, IssueRequest())
-        await sql(pg_dsn, "UPDATE campaigns SET start_time = now() WHERE id = %s", created.id)
+    await sql(pg_dsn, "UPDATE campaigns SET start_time = now() WHERE id = %s", created.id)
+    async with open_postgres_store(pg_dsn, clock=clock) as pg:
         issued = await pg.issue_coupon(created.id, IssueRequest())
 
     assert issued.code
     assert (await sql(pg_dsn, "SELECT issued FROM campaigns"))[0] == (1,)
+
+
+async def test_a_host_clock_behind_the_database_does_not_refuse_an_open_campaign(pg_dsn: str):
+    (db_now,) = (await sql(pg_dsn, "SELECT now()"))[0]
+    # This host's clock runs ten minutes behind, far more than start_margin_s.
+    clock = ManualClock(db_now - timedelta(minutes=10))  # type: ignore[operator]
+    async with open_postgres_store(pg_dsn, clock=clock, start_margin_s=2.0) as pg:
+        created = await pg.create_campaign(campaign(5, start_time=db_now))
+        issued = await pg.issue_coupon(created.id, IssueRequest())
+        skew = metrics.DB_CLOCK_SKEW._value.get()
+
+    assert issued.code
+    # Learnt from the readiness check and the group: the database is ~600 s ahead.
+    assert timedelta(minutes=9) < timedelta(seconds=skew) < timedelta(minutes=11)
 
 
 async def test_migrations_twice_are_a_no_op_and_concurrent_runs_are_safe(pg_dsn: str):

@@ -198,6 +198,39 @@ def test_bench_runs_the_echo_rows(tmp_path: Path) -> None:
     assert "not measured" not in text
 
 
+def test_bench_runs_the_redeem_row(tmp_path: Path, pg_dsn: str) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed; bench.py needs it: apt-get install -y wrk")
+    report = tmp_path / "bench.md"
+    done = run_tool(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench.py"),
+            "--only",
+            "redeem",
+            "--dsn",
+            pg_dsn,
+            "--duration",
+            "1",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--output",
+            str(report),
+            "--chart",
+            str(tmp_path / "bench.png"),
+        ],
+        timeout_s=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = [line for line in report.read_text().splitlines() if line.startswith("| Redeem")]
+    print(f"\n{row}")
+    assert row.startswith("| RedeemCoupon, postgres, 2 worker(s), c=64 | redeemed/s | ")
+    assert "not measured" not in row
+    assert "!" not in row  # a violation note: codes ran out, or counts that disagree
+
+
 def test_bench_runs_the_protocol_rows_with_cpu_per_call(tmp_path: Path) -> None:
     for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
         if shutil.which(tool) is None:

@@ -103,6 +103,9 @@ class MemoryStore:
         return created
 
     async def issue_coupon(self, campaign_id: str, request: IssueRequest) -> IssuedCoupon:
+        # No await from the checks to the returned answer: a cancellation (deadline, client
+        # gone) is delivered only at an await, so it lands before anything is issued or after
+        # the answer is fixed. Nothing is orphaned here; a reply can still be lost in transit.
         state = self._campaigns.get(campaign_id)
         if state is None:
             raise CampaignNotFound()

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
     from coupon.campaigns import Discount, IssueRequest
+    from coupon.store.pg_commit import GroupTrace
 
 # A collision needs two equal 134-bit codes; more than a few rounds means a bug, not bad luck.
 MAX_CODE_ROUNDS = 8
@@ -75,6 +76,7 @@ async def issue_group(
     sql: Mapping[str, str],
     campaign_id: uuid.UUID,
     requests: Sequence[IssueRequest],
+    trace: GroupTrace | None = None,
 ) -> GroupOutcome:
     results: list[IssuedCoupon | CouponError | None] = [None] * len(requests)
     async with conn.transaction():
@@ -84,7 +86,9 @@ async def issue_group(
         taken = await cursor.fetchone()
         if taken is None:
             return await _explain_refusal(conn, sql, campaign_id, requests, results)
-        before, after, total, start_time, now, end_time, *discount = taken
+        before, after, total, start_time, now, end_time, *discount, xid = taken
+        if trace is not None:
+            trace.xid, trace.db_now = xid, now
         facts = CampaignFacts(total, start_time, end_time, discount_of(*discount))
         outcome = GroupOutcome(results=[], facts=facts)
 
@@ -106,7 +110,9 @@ async def issue_group(
         for claim in losers:
             _fail(results, claim, SoldOut())
         outcome.sold_out = after - unused >= total
-    outcome.results = _complete(results)
+        outcome.results = _complete(results)
+        if trace is not None:
+            trace.pending = outcome  # from here on, COMMIT decides
     return outcome
 
 

@@ -30,13 +30,15 @@ from coupon.errors import (
     StoreUnavailable,
 )
 from coupon.store import pg_lifecycle
-from coupon.store.grouping import GroupRunner
+from coupon.store.cache import BoundedCache
+from coupon.store.grouping import Group, GroupRunner
 from coupon.store.migrations import apply_migrations
+from coupon.store.pg_commit import GroupTrace, answers_after, commit_status, sever_at
 from coupon.store.pg_issuance import CampaignFacts, issue_group
 from coupon.store.queries import queries
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Sequence
+    from collections.abc import AsyncIterator, Iterator
 
     from psycopg import AsyncConnection
 
@@ -57,6 +59,43 @@ READY_CHECK_TIMEOUT_S = 2.0
 # Kept short so that, after an outage, a slot is never parked in a minute-long backoff while
 # the database is back: service resumes within seconds.
 RECONNECT_TIMEOUT_S = 10.0
+# Campaign ids are chosen by callers: what a process remembers about them is bounded.
+MAX_CACHED_CAMPAIGNS = 10_000
+# A campaign id the database did not know is refused without a query for this long (another
+# host may create it meanwhile: the window is short).
+NOT_FOUND_TTL_S = 1.0
+
+
+def session_options(config: DatabaseConfig) -> str:
+    """libpq `options`: the server-side timeouts every session of this pool runs under."""
+    settings = {
+        "statement_timeout": config.statement_timeout_s,
+        "lock_timeout": config.lock_timeout_s,
+        "idle_in_transaction_session_timeout": config.idle_in_transaction_timeout_s,
+    }
+    return " ".join(f"-c {name}={round(value * 1000)}" for name, value in settings.items())
+
+
+def connection_kwargs(config: DatabaseConfig) -> dict[str, Any]:
+    """Keyword arguments of every connection (pooled, or fresh to resolve a commit)."""
+    kwargs: dict[str, Any] = {
+        "autocommit": True,  # transactions are explicit: conn.transaction()
+        "connect_timeout": config.connect_timeout_s,
+        "application_name": "coupon-issuer",
+        # Never a server-side prepared statement: they belong to a server session, which a
+        # pooler in transaction mode (PgBouncer) hands to other clients between transactions.
+        "prepare_threshold": None,
+        # A peer that vanished (host down, network cut) is noticed in about
+        # idle + interval * count seconds instead of the kernel's two hours.
+        "keepalives": 1,
+        "keepalives_idle": config.keepalive_idle_s,
+        "keepalives_interval": config.keepalive_interval_s,
+        "keepalives_count": config.keepalive_count,
+        "tcp_user_timeout": round(config.tcp_user_timeout_s * 1000),
+    }
+    if config.session_options:
+        kwargs["options"] = session_options(config)
+    return kwargs
 
 
 @contextlib.contextmanager
@@ -87,12 +126,20 @@ class PostgresStore:
         # Clocks of app hosts and the database may differ a little: only refuse "not started"
         # locally when the start is further away than any sane skew.
         self._start_margin = timedelta(seconds=config.start_margin_s)
-        self._facts: dict[uuid.UUID, CampaignFacts] = {}
-        self._sold_out: set[uuid.UUID] = set()
+        self._facts: BoundedCache[uuid.UUID, CampaignFacts] = BoundedCache(MAX_CACHED_CAMPAIGNS)
+        self._sold_out: BoundedCache[uuid.UUID, bool] = BoundedCache(MAX_CACHED_CAMPAIGNS)
+        self._not_found: BoundedCache[uuid.UUID, bool] = BoundedCache(
+            MAX_CACHED_CAMPAIGNS, ttl_s=NOT_FOUND_TTL_S
+        )
+        # The database clock minus this host's, learnt from every group and readiness check:
+        # "not started" is decided by the database clock, even without a query.
+        self._skew = timedelta(0)
         self._groups: GroupRunner[uuid.UUID, IssueRequest, IssuedCoupon] = GroupRunner(
             self._issue_group,
             max_group_size=config.max_group_size,
             on_group=metrics.GROUP_SIZE.observe,
+            wait_s=config.call_timeout_s,
+            on_wait_exceeded=StoreUnavailable,
         )
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
@@ -104,16 +151,12 @@ class PostgresStore:
             open=False,
             # A connection broken while idle in the pool (database restarted) is found and
             # replaced here instead of failing the next request.
-            check=AsyncConnectionPool.check_connection,
+            check=self._check_connection,
             # Bounded wait for a connection: when the database is gone, callers get
             # `unavailable` quickly instead of queueing for the default 30 s.
             timeout=config.connect_timeout_s,
             reconnect_timeout=RECONNECT_TIMEOUT_S,
-            kwargs={
-                "autocommit": True,  # transactions are explicit: conn.transaction()
-                "connect_timeout": config.connect_timeout_s,
-                "application_name": "coupon-issuer",
-            },
+            kwargs=connection_kwargs(config),
             name="coupon",
         )
         self._migrated = False
@@ -140,10 +183,31 @@ class PostgresStore:
         try:
             await self._ensure_migrated(wait_s=READY_CHECK_TIMEOUT_S)
             async with self._connection(wait_s=READY_CHECK_TIMEOUT_S) as conn:
-                await conn.execute(self._q("ping"))
+                asked = self._clock()
+                cursor = await conn.execute(self._q("ping"))
+                row = await cursor.fetchone()
+            if row is not None:
+                self._learn_skew(row[0], asked)
         except StoreUnavailable:
             return False
         return True
+
+    def _learn_skew(self, db_now: datetime, local: datetime) -> None:
+        self._skew = db_now - local
+        metrics.DB_CLOCK_SKEW.set(self._skew.total_seconds())
+
+    def _update_pool_metric(self) -> None:
+        stats = self._pool.get_stats()
+        size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+        metrics.POOL_CONNECTIONS.labels("idle").set(idle)
+        metrics.POOL_CONNECTIONS.labels("used").set(size - idle)
+        metrics.POOL_CONNECTIONS.labels("waiting").set(stats.get("requests_waiting", 0))
+
+    async def _check_connection(self, conn: AsyncConnection[Any]) -> None:
+        # The pool's own check has no bound: on a frozen database it would wait forever.
+        loop = asyncio.get_running_loop()
+        with sever_at(conn, loop.time() + self.config.connect_timeout_s):
+            await conn.execute("")
 
     async def _prepare(self) -> None:
         delay = self._retry_initial_s
@@ -171,19 +235,40 @@ class PostgresStore:
         """
         if self._migrated:
             return
-        async with self._migration_lock:
+        # Callers queue here while one of them migrates: each waits at most its own bound,
+        # not one connect_timeout_s per caller ahead of it.
+        try:
+            async with asyncio.timeout(
+                wait_s if wait_s is not None else self.config.call_timeout_s
+            ):
+                await self._migration_lock.acquire()
+        except TimeoutError:
+            raise StoreUnavailable() from None
+        try:
             if self._migrated:
                 return
-            async with self._connection(wait_s=wait_s) as conn:
+            # Unbounded: a migration may take longer than a call (it holds its lock meanwhile).
+            async with self._connection(wait_s=wait_s, bounded=False) as conn:
                 await apply_migrations(conn)
             self._migrated = True
             log.info("postgres store ready: schema up to date")
+        finally:
+            self._migration_lock.release()
 
     @contextlib.asynccontextmanager
-    async def _connection(self, wait_s: float | None = None) -> AsyncIterator[AsyncConnection[Any]]:
-        with wrap_exceptions():
-            async with self._pool.connection(timeout=wait_s) as conn:
-                yield conn
+    async def _connection(
+        self, wait_s: float | None = None, *, bounded: bool = True
+    ) -> AsyncIterator[AsyncConnection[Any]]:
+        """A pooled connection; with `bounded`, its use ends after call_timeout_s (the socket
+        is shut down, so even a frozen database cannot hold the call)."""
+        deadline = asyncio.get_running_loop().time() + self.config.call_timeout_s
+        try:
+            with wrap_exceptions():
+                async with self._pool.connection(timeout=wait_s) as conn:
+                    with sever_at(conn, deadline if bounded else None):
+                        yield conn
+        finally:
+            self._update_pool_metric()
 
     def _q(self, name: str) -> str:
         return self._sql[name]
@@ -197,9 +282,11 @@ class PostgresStore:
             row = await cursor.fetchone()
         assert row is not None
         start_time, created_at = row
-        self._facts[uuid.UUID(campaign.id)] = CampaignFacts(
-            campaign.total, start_time, campaign.end_time, campaign.discount
+        self._facts.put(
+            uuid.UUID(campaign.id),
+            CampaignFacts(campaign.total, start_time, campaign.end_time, campaign.discount),
         )
+        self._not_found.discard(uuid.UUID(campaign.id))
         return Campaign(
             id=campaign.id,
             name=campaign.name,
@@ -219,15 +306,19 @@ class PostgresStore:
         Answers without a query when the answer is certain: a campaign this process saw sold
         out stays sold out (for calls with neither user nor key, which cannot hold an earlier
         code, while its end is more than `start_margin_s` away: from then on ENDED is the
-        answer), and a start instant more than `start_margin_s` away by this host's clock has
-        not come yet. Near either boundary the database clock decides.
+        answer), and a start instant more than `start_margin_s` away has not come yet. Both are
+        reckoned by the database clock as this process knows it (its own clock plus the skew
+        last measured); near either boundary the database decides.
         """
         cid = uuid.UUID(campaign_id)
-        now = self._clock()
+        # This host's clock, corrected by the database clock's measured skew.
+        now = self._clock() + self._skew
         facts = self._facts.get(cid)
         anonymous = request.user_id is None and request.idempotency_key is None
         if anonymous and cid in self._sold_out and self._far_from_end(facts, now):
             raise SoldOut()
+        if cid in self._not_found:
+            raise CampaignNotFound()
         if facts is not None and now < facts.start_time - self._start_margin:
             raise CampaignNotStarted(facts.start_time)
         await self._ensure_migrated()
@@ -239,15 +330,53 @@ class PostgresStore:
         )
 
     async def _issue_group(
-        self, cid: uuid.UUID, requests: Sequence[IssueRequest]
+        self, cid: uuid.UUID, group: Group[IssueRequest, IssuedCoupon]
     ) -> list[IssuedCoupon | CouponError]:
         async with self._connection() as conn:
-            outcome = await issue_group(conn, self._sql, cid, requests)
+            # Only the callers still waiting now, as the transaction begins, are served.
+            requests = group.claim()
+            if not requests:
+                return []
+            trace = GroupTrace()
+            began = self._clock()
+            try:
+                with sever_at(conn, group.deadline):
+                    outcome = await issue_group(conn, self._sql, cid, requests, trace=trace)
+            except psycopg.Error:
+                if trace.pending is None or trace.xid is None:
+                    raise  # failed before COMMIT: nothing of this group is stored
+                outcome = trace.pending
+                committed = await self._commit_landed(trace.xid)
+                outcome.results = answers_after(outcome, committed)
+                # Only a landed commit sold the campaign out.
+                outcome.sold_out = outcome.sold_out and committed is True
+        if trace.db_now is not None:
+            self._learn_skew(trace.db_now, began)
         if outcome.facts is not None:
-            self._facts[cid] = outcome.facts
+            self._facts.put(cid, outcome.facts)
         if outcome.sold_out:
-            self._sold_out.add(cid)
+            self._sold_out.put(cid, True)
+        if outcome.results and all(isinstance(r, CampaignNotFound) for r in outcome.results):
+            self._not_found.put(cid, True)
         return outcome.results
+
+    async def _commit_landed(self, xid: str) -> bool | None:
+        """The connection broke during COMMIT: learn on a fresh connection whether it landed
+        (None: it could not be learnt within connect_timeout_s)."""
+
+        async def connect() -> AsyncConnection[Any]:
+            return await psycopg.AsyncConnection.connect(
+                self.config.dsn, **connection_kwargs(self.config)
+            )
+
+        committed = await commit_status(connect, self._sql, xid, self.config.connect_timeout_s)
+        log.warning(
+            "connection lost during COMMIT; the transaction %s",
+            {True: "committed", False: "was rolled back", None: "has an unknown outcome"}[
+                committed
+            ],
+        )
+        return committed
 
     async def get_campaign(
         self, campaign_id: str, after_seq: int, limit: int, *, brand: str | None

@@ -20,9 +20,16 @@ SELECT version FROM schema_migrations;
 INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s);
 
 -- name: ping
-SELECT 1;
+-- The database clock too: this host's clock skew from it is learnt on every check.
+SELECT now();
+
+-- name: xact_status
+-- committed / aborted / in progress (NULL: older than the wraparound horizon).
+SELECT pg_xact_status(%(xid)s::xid8);
 
 -- name: create_campaign
+-- With the campaign, its 16 redemption counter rows (see migration 0002).
+WITH created AS (
 INSERT INTO campaigns (
     id, name, total, start_time, end_time,
     discount_percent_off, discount_currency, discount_minor_units, metadata, brand
@@ -31,7 +38,12 @@ VALUES (
     %(id)s, %(name)s, %(total)s, COALESCE(%(start_time)s::timestamptz, now()), %(end_time)s,
     %(percent_off)s, %(currency)s, %(minor_units)s, %(metadata)s, %(brand)s
 )
-RETURNING start_time, created_at;
+RETURNING id, start_time, created_at
+), counters AS (
+    INSERT INTO campaign_redemption_counts (campaign_id, shard)
+    SELECT created.id, s.shard FROM created CROSS JOIN generate_series(0, 15) AS s(shard)
+)
+SELECT start_time, created_at FROM created;
 
 -- name: take_many
 -- The only way `issued` grows: by as many as the group wants and the campaign still has,
@@ -52,7 +64,9 @@ SET issued = c.issued + LEAST(%(wanted)s, c.total - c.issued)
 FROM locked
 WHERE c.id = locked.id
 RETURNING locked.before, c.issued, c.total, c.start_time, now(),
-    c.end_time, c.discount_percent_off, c.discount_currency, c.discount_minor_units;
+    c.end_time, c.discount_percent_off, c.discount_currency, c.discount_minor_units,
+    -- The transaction's id, for resolving a COMMIT whose answer was lost (pg_commit.py).
+    pg_current_xact_id()::text;
 
 -- name: give_back
 -- Positions taken for users who turned out to hold a code already; same transaction, so
@@ -93,8 +107,8 @@ SELECT c.name, c.total, c.issued, c.start_time, c.end_time,
     c.metadata, c.brand, c.created_at, r.redeemed, p.seq, p.code
 FROM campaigns c
 CROSS JOIN LATERAL (
-    SELECT count(*)::int AS redeemed FROM coupons
-    WHERE campaign_id = c.id AND order_id IS NOT NULL
+    SELECT COALESCE(sum(redeemed), 0)::int AS redeemed FROM campaign_redemption_counts
+    WHERE campaign_id = c.id
 ) r
 LEFT JOIN LATERAL (
     SELECT seq, code FROM coupons
@@ -121,8 +135,8 @@ FROM (
     LIMIT %(limit)s
 ) c
 CROSS JOIN LATERAL (
-    SELECT count(*)::int AS redeemed FROM coupons
-    WHERE campaign_id = c.id AND order_id IS NOT NULL
+    SELECT COALESCE(sum(redeemed), 0)::int AS redeemed FROM campaign_redemption_counts
+    WHERE campaign_id = c.id
 ) r
 ORDER BY c.created_at DESC, c.id DESC;
 
@@ -138,8 +152,8 @@ FROM (
     LIMIT %(limit)s
 ) c
 CROSS JOIN LATERAL (
-    SELECT count(*)::int AS redeemed FROM coupons
-    WHERE campaign_id = c.id AND order_id IS NOT NULL
+    SELECT COALESCE(sum(redeemed), 0)::int AS redeemed FROM campaign_redemption_counts
+    WHERE campaign_id = c.id
 ) r
 ORDER BY c.created_at DESC, c.id DESC;
 
@@ -156,7 +170,8 @@ WHERE k.code = %(code)s AND (%(brand)s::text IS NULL OR c.brand = %(brand)s);
 -- name: redeem_coupon
 -- The only way a code becomes redeemed: one conditional UPDATE. Of racing orders, the first
 -- takes the row lock; the others re-check `order_id IS NULL` on the committed row and match
--- nothing. The history row is written by the same statement (one transaction).
+-- nothing. The history row and the campaign's count change in the same statement (one
+-- transaction).
 WITH redeemed AS (
     UPDATE coupons k
     SET order_id = %(order_id)s, redeemed_at = now()
@@ -166,17 +181,22 @@ WITH redeemed AS (
       AND (c.end_time IS NULL OR now() < c.end_time)
       AND (k.user_id IS NULL OR k.user_id = %(user_id)s)
       AND (%(brand)s::text IS NULL OR c.brand = %(brand)s)
-    RETURNING k.code, k.campaign_id, k.order_id, k.redeemed_at,
+    RETURNING k.code, k.campaign_id, k.seq, k.order_id, k.redeemed_at,
         c.discount_percent_off, c.discount_currency, c.discount_minor_units
 ), logged AS (
     INSERT INTO redemptions (code, order_id, action, at)
     SELECT code, order_id, 'redeem', redeemed_at FROM redeemed
+), counted AS (
+    UPDATE campaign_redemption_counts n SET redeemed = n.redeemed + 1
+    FROM redeemed r
+    WHERE n.campaign_id = r.campaign_id AND n.shard = r.seq %% 16
 )
 SELECT campaign_id, redeemed_at, discount_percent_off, discount_currency, discount_minor_units
 FROM redeemed;
 
 -- name: cancel_redemption
--- The holding order gives the code back, and the history says so, in one statement.
+-- The holding order gives the code back, and the history and the count say so, in one
+-- statement.
 WITH cancelled AS (
     UPDATE coupons k
     SET order_id = NULL, redeemed_at = NULL
@@ -186,12 +206,18 @@ WITH cancelled AS (
       AND (%(brand)s::text IS NULL OR c.brand = %(brand)s)
     RETURNING k.code, k.campaign_id, k.user_id, k.issued_at, k.order_id, k.redeemed_at,
         c.end_time, c.discount_percent_off, c.discount_currency, c.discount_minor_units,
-        c.end_time IS NOT NULL AND now() >= c.end_time AS ended
+        c.end_time IS NOT NULL AND now() >= c.end_time AS ended, k.seq
 ), logged AS (
     INSERT INTO redemptions (code, order_id, action)
     SELECT code, %(order_id)s, 'cancel' FROM cancelled
+), counted AS (
+    UPDATE campaign_redemption_counts n SET redeemed = n.redeemed - 1
+    FROM cancelled r
+    WHERE n.campaign_id = r.campaign_id AND n.shard = r.seq %% 16
 )
-SELECT * FROM cancelled;
+SELECT code, campaign_id, user_id, issued_at, order_id, redeemed_at, end_time,
+    discount_percent_off, discount_currency, discount_minor_units, ended
+FROM cancelled;
 
 -- name: cancelled_by
 -- Whether this order once redeemed the code and cancelled that (a repeated cancel succeeds).
