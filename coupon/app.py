@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from coupon.auth import AdminAuthInterceptor
+from coupon.auth import Authenticator, AuthInterceptor
 from coupon.config import Config, ConfigError, load_config
 from coupon.gen.coupon_connect import CouponServiceASGIApplication
 from coupon.metrics import MetricsInterceptor
@@ -52,11 +52,11 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
     connect_app = CouponServiceASGIApplication(
         CouponServiceImpl(the_store, config.limits),
         # Metadata interceptors first: they run before the body is parsed, so metrics count
-        # every call and a missing admin token is refused without reading the body.
+        # every call and a missing credential is refused without reading the body.
         interceptors=[
             MetricsInterceptor(),
             RequestIdInterceptor(),
-            *([AdminAuthInterceptor(config.auth.admin_token)] if config.auth.admin_token else []),
+            AuthInterceptor(Authenticator(config.auth)),
             ErrorInterceptor(),
         ],
         # Unknown JSON fields are refused: a misspelt "startTime" must not start a campaign now.

@@ -1,37 +1,161 @@
-"""Admin token check for the calls that create campaigns and read issued codes (a code list is
-money). IssueCoupon stays open: it is what the public races for."""
+"""Who may call what: named API keys with a role and a brand, and customers' JWTs.
+
+One metadata interceptor resolves the caller from `Authorization: Bearer <token>` before the
+request body is read, records it for the service (coupon.caller), and refuses a call the
+caller's role does not allow. Methods are protected by default: only PUBLIC_METHODS are open,
+every other method needs one of the roles METHOD_ROLES gives it, and a method missing from
+that table (one added to the proto later) needs an admin.
+
+Keys are configured as SHA-256 digests and looked up by the digest of the presented token. A
+dictionary lookup compares digests, not tokens, so any timing difference it has tells an
+attacker how many leading bytes of SHA-256(guess) match a stored digest: steering that needs
+SHA-256 preimages, so it reveals nothing usable about a token, and the lookup stays O(1)
+however many keys a marketplace configures (hmac.compare_digest over every digest would be
+constant-time too, but linear in the number of keys for every call).
+"""
 
 from __future__ import annotations
 
-import hmac
+import hashlib
+import ipaddress
+import os
 from typing import TYPE_CHECKING, Any
 
+from coupon.caller import OPEN_ACCESS, Caller, set_caller
+from coupon.config import SHORTHAND_KEY_NAME
+from coupon.customers import CustomerTokens
 from coupon.errors import PermissionDenied, Unauthenticated
 from coupon.rpc_errors import to_connect_error
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from connectrpc.request import RequestContext
 
-ADMIN_METHODS = frozenset({"CreateCampaign", "GetCampaign"})
+    from coupon.config import AuthConfig
+
+ADMIN = "admin"
+CHECKOUT = "checkout"
+
+# The customers' call: open, or with auth.customers.jwt set, for verified customers only.
+PUBLIC_METHODS = frozenset({"IssueCoupon"})
+# Every other method and the roles that may call it; tests/test_auth.py checks that every
+# method of the service descriptor is in exactly one of the two tables.
+METHOD_ROLES: Mapping[str, frozenset[str]] = {
+    "CreateCampaign": frozenset({ADMIN}),
+    "GetCampaign": frozenset({ADMIN}),
+    "ListCampaigns": frozenset({ADMIN}),
+    "GetCoupon": frozenset({ADMIN, CHECKOUT}),
+    "RedeemCoupon": frozenset({ADMIN, CHECKOUT}),
+    "CancelRedemption": frozenset({ADMIN, CHECKOUT}),
+}
+_ADMIN_ONLY = frozenset({ADMIN})
+
+# Names callers go by in logs and metrics when no key names them.
+ANONYMOUS = Caller(name="anonymous", role=None, brand=None)
+UNIDENTIFIED = Caller(name="unidentified", role=None, brand=None)
+CUSTOMER_NAME = "customer"  # never the user id: metrics labels must stay few
 
 
-class AdminAuthInterceptor:
-    """A Connect metadata interceptor: refuses before the request body is even read."""
+def roles_for(method: str) -> frozenset[str]:
+    """The roles that may call `method`; a method nobody classified is for admins only."""
+    return METHOD_ROLES.get(method, _ADMIN_ONLY)
 
-    def __init__(self, admin_token: str) -> None:
-        self._expected = f"Bearer {admin_token}".encode()
+
+class Authenticator:
+    """Turns the Authorization header of a call into a Caller, or refuses the call."""
+
+    def __init__(self, config: AuthConfig, environ: Mapping[str, str] | None = None) -> None:
+        self._open = not config.has_api_keys
+        self._keys: dict[bytes, Caller] = {
+            bytes.fromhex(key.sha256): Caller(name=key.name, role=key.role, brand=key.brand)
+            for key in config.tokens
+        }
+        if config.admin_token:
+            digest = hashlib.sha256(config.admin_token.encode()).digest()
+            self._keys[digest] = Caller(name=SHORTHAND_KEY_NAME, role=ADMIN, brand=None)
+        self._customers = (
+            CustomerTokens(config.customers_jwt, os.environ if environ is None else environ)
+            if config.customers_jwt is not None
+            else None
+        )
+
+    def caller_for(self, method: str, authorization: str | None) -> Caller:
+        """Who calls `method`; raises Unauthenticated / PermissionDenied to refuse the call."""
+        if method in PUBLIC_METHODS:
+            if self._customers is None:
+                return ANONYMOUS
+            token = _bearer(authorization)
+            if token is None:
+                raise Unauthenticated(
+                    f"{method} needs a customer token: Authorization: Bearer <JWT>"
+                )
+            user_id = self._customers.user_id(token)
+            return Caller(name=CUSTOMER_NAME, role=None, brand=None, user_id=user_id)
+        if self._open:
+            return OPEN_ACCESS
+        token = _bearer(authorization)
+        if token is None:
+            raise Unauthenticated()
+        caller = self._keys.get(hashlib.sha256(token.encode()).digest())
+        if caller is None:
+            raise Unauthenticated("the credential is not a known key")
+        if caller.role not in roles_for(method):
+            set_caller(caller)  # so the refusal is logged and counted under the key's name
+            raise PermissionDenied(f"the key {caller.name!r} ({caller.role}) may not call {method}")
+        return caller
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+class AuthInterceptor:
+    """A Connect metadata interceptor: decides before the request body is even read."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
 
     async def on_start(self, ctx: RequestContext[Any, Any]) -> None:
-        if ctx.method.name not in ADMIN_METHODS:
-            return
-        given = ctx.request_headers.get("authorization")
-        if not given:
-            raise to_connect_error(Unauthenticated())
-        # Constant-time: the comparison must not reveal how much of a guess was right.
-        if not hmac.compare_digest(given.encode(), self._expected):
-            raise to_connect_error(PermissionDenied())
+        set_caller(UNIDENTIFIED)
+        try:
+            caller = self._authenticator.caller_for(
+                ctx.method.name, ctx.request_headers.get("authorization")
+            )
+        except (Unauthenticated, PermissionDenied) as e:
+            raise to_connect_error(e) from None
+        set_caller(caller)
 
     async def on_end(
         self, token: None, ctx: RequestContext[Any, Any], error: Exception | None
     ) -> None:
         return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a server.host value) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def open_admin_refusal(host: str, config: AuthConfig) -> str | None:
+    """Why the server must not start (fail closed), or None when it may."""
+    if config.has_api_keys or config.allow_open_admin or is_loopback(host):
+        return None
+    return (
+        f"server.host is {host}, reachable from other machines, and no API key is configured, "
+        "so anyone could create campaigns and read their codes. Set an admin key: "
+        "COUPON_AUTH_ADMIN_TOKEN=<token>, or auth.tokens with the SHA-256 of a token "
+        "(see the README's Auth section); or set auth.allow_open_admin: true if this is "
+        "really meant to be open"
+    )

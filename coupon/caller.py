@@ -7,6 +7,7 @@ one the handler sees, and concurrent calls never see each other's.
 
 from __future__ import annotations
 
+import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -23,12 +24,22 @@ class Caller:
 # acts as an all-brands admin. The auth interceptor replaces this for every call otherwise.
 OPEN_ACCESS = Caller(name="open", role="admin", brand=None)
 
-_current: ContextVar[Caller] = ContextVar("coupon_caller", default=OPEN_ACCESS)
+# No default on the variable itself, so log lines written outside any call can tell.
+_current: ContextVar[Caller] = ContextVar("coupon_caller")
 
 
 def current_caller() -> Caller:
-    return _current.get()
+    return _current.get(OPEN_ACCESS)
 
 
 def set_caller(caller: Caller) -> None:
     _current.set(caller)
+
+
+class CallerFilter(logging.Filter):
+    """Adds `caller` (the key's name, never the token) to every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        caller = _current.get(None)
+        record.caller = "-" if caller is None else caller.name
+        return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,10 @@ class DatabaseConfig:
     pool_min_size: int = 2
     pool_max_size: int = 10
     connect_timeout_s: int = 5
+    # After a failed connection attempt the pool tries once more this much later, then frees
+    # the slot so that the next call starts a fresh attempt: after a failover or a restart the
+    # service reconnects within about this long of the database accepting writes again.
+    reconnect_timeout_s: float = 0.5
     max_group_size: int = 256  # IssueCoupon calls of one campaign per transaction, at most
     start_margin_s: float = 2.0  # refuse "not started" without a query only this far ahead
     # The longest a call waits for the store, queue included; then `unavailable`.
@@ -71,8 +76,39 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A named bearer token, kept only as the SHA-256 of the token (lowercase hex)."""
+
+    name: str
+    sha256: str = field(repr=False)
+    role: str
+    brand: str | None = None  # None: every brand
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """How customers' JWTs are verified (exactly one key source is set)."""
+
+    algorithms: tuple[str, ...]
+    issuer: str
+    audience: str
+    public_key_file: str = ""
+    jwks_file: str = ""
+    hs256_secret_env: str = ""  # the NAME of the variable holding the secret, not the secret
+    leeway_s: int = 30
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     admin_token: str = field(default="", repr=False)
+    tokens: tuple[ApiKey, ...] = ()
+    customers_jwt: JwtConfig | None = None  # auth.customers.jwt
+    allow_open_admin: bool = False
+
+    @property
+    def has_api_keys(self) -> bool:
+        """Whether any key is configured; without one, the non-public methods are open."""
+        return bool(self.admin_token or self.tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +167,8 @@ def _build(values: dict[str, Any], environ: Mapping[str, str]) -> Config:
 def _build_section(
     section: str, section_type: Any, raw: dict[str, Any], environ: Mapping[str, str]
 ) -> Any:
+    if section == "auth":
+        return _build_auth(raw, environ)
     keys = {f.name: f for f in dataclasses.fields(section_type)}
     unknown = set(raw) - set(keys)
     if unknown:
@@ -238,6 +276,7 @@ def _check_ranges(config: Config) -> None:
         ("database.max_group_size", db.max_group_size, 1, 10_000, False),
         ("database.start_margin_s", db.start_margin_s, 0, 3600, False),
         ("database.call_timeout_s", db.call_timeout_s, 0, 600, True),
+        ("database.reconnect_timeout_s", db.reconnect_timeout_s, 0, 300, True),
         ("database.statement_timeout_s", db.statement_timeout_s, 0, 3600, False),
         ("database.lock_timeout_s", db.lock_timeout_s, 0, 3600, False),
         (
@@ -259,3 +298,175 @@ def _check_ranges(config: Config) -> None:
                 raise ConfigError(f"{key} must be greater than {low:g} and at most {high:g}")
         elif not (low <= value <= high):
             raise ConfigError(f"{key} must be between {low:g} and {high:g}")
+
+
+# --- auth: the one section with nested values (named keys, the customers' JWT settings) ---
+
+ROLES = ("admin", "checkout")
+AUTH_KEYS = ("admin_token", "tokens", "customers", "allow_open_admin")
+# Asymmetric algorithms take a public key (file or JWKS); HMAC ones a shared secret. "none" is
+# never accepted, and the two families are never mixed: a public key used as an HMAC secret is
+# the classic algorithm-confusion forgery.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+MAX_LEEWAY_S = 300
+MIN_HMAC_SECRET_BYTES = 32
+_HEX_DIGITS = frozenset("0123456789abcdef")
+_JWT_KEYS = (
+    "algorithms",
+    "issuer",
+    "audience",
+    "public_key_file",
+    "jwks_file",
+    "hs256_secret_env",
+    "leeway_s",
+)
+
+
+def _build_auth(raw: dict[str, Any], environ: Mapping[str, str]) -> AuthConfig:
+    unknown = set(raw) - set(AUTH_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in 'auth': {', '.join(sorted(map(str, unknown)))}")
+    values = dict(raw)
+    for key in AUTH_KEYS:
+        env_name = f"COUPON_AUTH_{key}".upper()
+        if env_name in environ:
+            text = environ[env_name]
+            # Nested values come from the environment as YAML text (a list, a mapping).
+            values[key] = (
+                text if key in ("admin_token", "allow_open_admin") else _yaml(env_name, text)
+            )
+    admin_token = _to_str("auth.admin_token", values.get("admin_token"))
+    tokens = _api_keys(values.get("tokens"))
+    if admin_token:
+        digest = hashlib.sha256(admin_token.encode()).hexdigest()
+        if any(key.sha256 == digest for key in tokens):
+            raise ConfigError("auth.admin_token is also listed in auth.tokens; keep one of them")
+        if any(key.name == SHORTHAND_KEY_NAME for key in tokens):
+            raise ConfigError(
+                f"auth.tokens: the name {SHORTHAND_KEY_NAME!r} is taken by auth.admin_token"
+            )
+    return AuthConfig(
+        admin_token=admin_token,
+        tokens=tokens,
+        customers_jwt=_customers(values.get("customers")),
+        allow_open_admin=_to_bool("auth.allow_open_admin", values.get("allow_open_admin", False)),
+    )
+
+
+# The name auth.admin_token goes by in logs and metrics.
+SHORTHAND_KEY_NAME = "admin_token"
+
+
+def _yaml(where: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{where} is not valid YAML") from None
+
+
+def _api_keys(raw: Any) -> tuple[ApiKey, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("auth.tokens must be a list of {name, sha256, role, brand}")
+    keys: list[ApiKey] = []
+    for index, entry in enumerate(raw):
+        where = f"auth.tokens[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping of name, sha256, role, brand")
+        unknown = set(entry) - {"name", "sha256", "role", "brand"}
+        if unknown:
+            raise ConfigError(f"unknown key(s) in {where}: {', '.join(sorted(map(str, unknown)))}")
+        name = _to_str(f"{where}.name", entry.get("name")).strip()
+        if not name:
+            raise ConfigError(f"{where}.name is required")
+        where = f"auth.tokens[{index}] ({name})"
+        digest = _to_str(f"{where}.sha256", entry.get("sha256")).strip().lower()
+        if len(digest) != 64 or not set(digest) <= _HEX_DIGITS:
+            # The value itself is not echoed: a token pasted here by mistake must not be logged.
+            raise ConfigError(
+                f"{where}.sha256 must be 64 hexadecimal characters (the SHA-256 of the token, "
+                "not the token)"
+            )
+        role = _to_str(f"{where}.role", entry.get("role"))
+        if role not in ROLES:
+            raise ConfigError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        brand = _to_str(f"{where}.brand", entry.get("brand")).strip() or None
+        for other in keys:
+            if other.name == name:
+                raise ConfigError(f"auth.tokens: the name {name!r} is used twice")
+            if other.sha256 == digest:
+                raise ConfigError(f"auth.tokens: {other.name!r} and {name!r} have the same sha256")
+        keys.append(ApiKey(name=name, sha256=digest, role=role, brand=brand))
+    return tuple(keys)
+
+
+def _customers(raw: Any) -> JwtConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("auth.customers must be a mapping with the key jwt")
+    unknown = set(raw) - {"jwt"}
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) in 'auth.customers': {', '.join(sorted(map(str, unknown)))}"
+        )
+    jwt = raw.get("jwt")
+    if not isinstance(jwt, dict):
+        raise ConfigError("auth.customers.jwt must be a mapping")
+    return _jwt_config(jwt)
+
+
+def _jwt_config(raw: dict[str, Any]) -> JwtConfig:
+    where = "auth.customers.jwt"
+    unknown = set(raw) - set(_JWT_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in '{where}': {', '.join(sorted(map(str, unknown)))}")
+    algorithms = raw.get("algorithms")
+    if not isinstance(algorithms, list) or not algorithms:
+        raise ConfigError(f"{where}.algorithms must be a non-empty list, such as [RS256, ES256]")
+    names = tuple(_to_str(f"{where}.algorithms", a) for a in algorithms)
+    for name in names:
+        if name.lower() == "none":
+            raise ConfigError(f"{where}.algorithms must not contain 'none' (unsigned tokens)")
+        if name not in ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS:
+            allowed = ", ".join(sorted(ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS))
+            raise ConfigError(f"{where}.algorithms: {name!r} is not one of {allowed}")
+    config = JwtConfig(
+        algorithms=names,
+        issuer=_to_str(f"{where}.issuer", raw.get("issuer")).strip(),
+        audience=_to_str(f"{where}.audience", raw.get("audience")).strip(),
+        public_key_file=_to_str(f"{where}.public_key_file", raw.get("public_key_file")),
+        jwks_file=_to_str(f"{where}.jwks_file", raw.get("jwks_file")),
+        hs256_secret_env=_to_str(f"{where}.hs256_secret_env", raw.get("hs256_secret_env")),
+        leeway_s=_to_int(f"{where}.leeway_s", raw.get("leeway_s", 30)),
+    )
+    if not config.issuer or not config.audience:
+        raise ConfigError(
+            f"{where} needs issuer and audience (every token is checked against both)"
+        )
+    if not 0 <= config.leeway_s <= MAX_LEEWAY_S:
+        raise ConfigError(f"{where}.leeway_s must be between 0 and {MAX_LEEWAY_S}")
+    sources = [
+        s for s in ("public_key_file", "jwks_file", "hs256_secret_env") if getattr(config, s)
+    ]
+    if len(sources) != 1:
+        raise ConfigError(
+            f"{where} needs exactly one of public_key_file, jwks_file, hs256_secret_env"
+        )
+    hmac_names = set(names) & HMAC_ALGORITHMS
+    if config.hs256_secret_env:
+        if hmac_names != set(names):
+            raise ConfigError(
+                f"{where}: hs256_secret_env verifies HS256/HS384/HS512 only; remove the other "
+                "algorithms or use a public key"
+            )
+    elif hmac_names:
+        raise ConfigError(
+            f"{where}: {', '.join(sorted(hmac_names))} with a public key would let anyone who "
+            "has the public key sign tokens (algorithm confusion); use hs256_secret_env for HMAC"
+        )
+    return config

@@ -8,6 +8,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+from coupon.caller import CallerFilter
 from coupon.request_ids import RequestIdFilter
 
 
@@ -21,6 +22,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
+            "caller": getattr(record, "caller", "-"),
         }
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
@@ -53,7 +55,9 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
     formatter: dict[str, Any] = (
         {"()": JsonFormatter}
         if log_format == "json"
-        else {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}
+        else {
+            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s %(caller)s] %(message)s"
+        }
     )
     return {
         "version": 1,
@@ -61,13 +65,14 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
         "formatters": {"default": formatter},
         "filters": {
             "request_id": {"()": RequestIdFilter},
+            "caller": {"()": CallerFilter},
             "driver_details": {"()": DriverDetailsFilter},
         },
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
-                "filters": ["request_id", "driver_details"],
+                "filters": ["request_id", "caller", "driver_details"],
                 "stream": "ext://sys.stderr",
             }
         },

@@ -20,13 +20,17 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from coupon.caller import current_caller
+
 if TYPE_CHECKING:
     from connectrpc.request import RequestContext
 
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 REQUESTS = Counter(
-    "coupon_requests", "Connect calls answered, by method and Connect code", ["method", "code"]
+    "coupon_requests",
+    "Connect calls answered, by method, Connect code and the caller's key name",
+    ["method", "code", "key"],
 )
 LATENCY = Histogram(
     "coupon_request_duration_seconds",
@@ -73,7 +77,7 @@ class MetricsInterceptor:
     ) -> None:
         method = ctx.method.name
         code = "ok" if error is None else _code_of(error)
-        REQUESTS.labels(method, code).inc()
+        REQUESTS.labels(method, code, current_caller().name).inc()
         LATENCY.labels(method).observe(time.perf_counter() - started)
 
 

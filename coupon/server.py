@@ -18,6 +18,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from coupon.app import CONFIG_PATH_ENV
+from coupon.auth import Authenticator, open_admin_refusal
 from coupon.config import ConfigError, load_config
 from coupon.http_limits import limited_protocol
 from coupon.logs import logging_config
@@ -41,15 +42,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        # Loads the customers' key now, so a bad key file stops start-up rather than every call.
+        Authenticator(config.auth)
     except ConfigError as e:
         print(f"coupon-server: {e}", file=sys.stderr)
         return 2
+    refusal = open_admin_refusal(config.server.host, config.auth)
+    if refusal:
+        print(f"coupon-server: {refusal}", file=sys.stderr)
+        return 2
     log_config = logging_config(config.server.log_format, config.server.log_level)
     logging.config.dictConfig(log_config)
-    if not config.auth.admin_token:
+    if not config.auth.has_api_keys:
         log.warning(
-            "auth.admin_token is not set: CreateCampaign and GetCampaign are open to anyone "
-            "who can reach this port"
+            "no API key is configured (auth.admin_token, auth.tokens): every method is open to "
+            "anyone who can reach %s:%d",
+            config.server.host,
+            config.server.port,
         )
     metrics_dir = ""
     if config.server.workers > 1:

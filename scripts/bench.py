@@ -17,6 +17,9 @@ scripts/wrk/issue.lua, and ends it by its PID. Configurations (--only picks amon
 - redeem:   RedeemCoupon on Postgres, 2 workers: codes issued beforehand (not measured), each
             request redeems a fresh one (scripts/wrk/redeem.lua); the campaign's redeemedCount
             afterwards is checked against the acknowledged calls
+- jwt:      IssueCoupon as --jwt-customers customers retrying (memory, 1 worker, c=64): with
+            the user id in the body (no auth, the baseline), then with each customer's RS256
+            or ES256 JWT verified by the server (auth.customers.jwt; keys made for the run)
 - protocols: IssueCoupon on the memory store served by server.engine pyvoy (the engine that
             speaks every protocol), c=64: Connect JSON and Connect binary over HTTP/1.1 (wrk),
             Connect binary and native gRPC over h2c (h2load, from Debian's nghttp2-client)
@@ -61,9 +64,10 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "scripts" / "wrk" / "issue.lua"
 REDEEM_LUA = ROOT / "scripts" / "wrk" / "redeem.lua"
+CUSTOMERS_LUA = ROOT / "scripts" / "wrk" / "issue_customers.lua"
 ECHO = ROOT / "scripts" / "echo_server.py"
 SERVICE = "/coupon.CouponService"
-CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "pgbench", "redeem", "protocols")
+CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "pgbench", "redeem", "jwt", "protocols")
 # Protocol rows: (key, label, load generator and body). Same server, same campaign shape.
 PROTOCOLS = (
     ("json", "Connect JSON HTTP/1.1 (wrk)"),
@@ -73,6 +77,8 @@ PROTOCOLS = (
 )
 PROTOCOL_CONNECTIONS = 64
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+JWT_ISSUER = "https://login.bench.test"
+JWT_AUDIENCE = "coupon-bench"
 CONNECTIONS = (64, 256)
 POSTGRES_CONNECTIONS = (64, 128, 256)  # 128: the grouping target of issue #5 (2 workers)
 LARGE_CAMPAIGN = 10_000_000  # limits.max_total: no run here comes near selling it out
@@ -196,31 +202,104 @@ def tail(path: Path, lines: int = 5) -> str:
 
 
 def coupon_server_command(
-    workdir: Path, store: str, workers: int, port: int, dsn: str, token: str, engine: str
+    workdir: Path,
+    store: str,
+    workers: int,
+    port: int,
+    dsn: str,
+    token: str,
+    customers: Customers | None = None,
+    engine: str = "uvicorn",
 ) -> list[str]:
-    config = {
+    auth: dict[str, Any] = {"admin_token": token}
+    if customers is not None:
+        auth["customers"] = {"jwt": customers.jwt_config}
+    config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "workers": workers, "engine": engine},
         "store": {"type": store},
-        "auth": {"admin_token": token},
+        "auth": auth,
     }
     if store == "postgres":
         config["database"] = {"dsn": dsn}
-    path = workdir / f"config-{store}-{workers}-{engine}.yaml"
+    suffix = f"-{customers.algorithm}" if customers else ""
+    path = workdir / f"config-{store}-{workers}{suffix}-{engine}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return [sys.executable, "-m", "coupon.server", "--config", str(path)]
 
 
 def run_load(
-    url: str, campaign_id: str, connections: int, duration_s: int, protocol: str
+    url: str,
+    campaign_id: str,
+    connections: int,
+    duration_s: int,
+    protocol: str,
+    customers: Customers | None = None,
 ) -> dict[str, Any]:
     """One IssueCoupon load run; wrk's and h2load's results in one shape (latency in µs)."""
     if protocol in ("proto-h2", "grpc"):
         return run_h2load(url, campaign_id, connections, duration_s, grpc=protocol == "grpc")
-    return run_wrk(url, campaign_id, connections, duration_s, script_args=(campaign_id, protocol))
+    return run_wrk(
+        url,
+        campaign_id,
+        connections,
+        duration_s,
+        script_args=(campaign_id, protocol),
+        customers=customers,
+    )
 
 
 def wrk_threads(connections: int) -> int:
     return max(1, min(os.cpu_count() or 1, connections))
+
+
+@dataclass
+class Customers:
+    """Customers for the jwt rows: a file of "<userId> <JWT>" lines and how the server checks
+    them (algorithm None: the baseline row, user ids in the body and no verification)."""
+
+    file: Path
+    algorithm: str | None
+    jwt_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wrk_args(self) -> list[str]:
+        return [str(self.file), "jwt" if self.algorithm else "userid"]
+
+
+def make_customers(workdir: Path, algorithm: str, count: int) -> Customers:
+    """A key pair for `algorithm`, its public half for the server, tokens for `count` users."""
+    import jwt  # the jwt rows only; PyJWT and cryptography come with the server
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    private: Any = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    public_file = workdir / f"customers-{algorithm}.pem"
+    public_file.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    started = time.monotonic()
+    expires = int(time.time()) + 6 * 3600
+    lines = []
+    for index in range(count):
+        user = f"bench-customer-{index}"
+        claims = {"sub": user, "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "exp": expires}
+        lines.append(f"{user} {jwt.encode(claims, private, algorithm=algorithm)}")
+    file = workdir / f"customers-{algorithm}.txt"
+    file.write_text("\n".join(lines) + "\n")
+    log(f"minted {count} {algorithm} tokens in {time.monotonic() - started:.1f}s")
+    config = {
+        "algorithms": [algorithm],
+        "public_key_file": str(public_file),
+        "issuer": JWT_ISSUER,
+        "audience": JWT_AUDIENCE,
+    }
+    return Customers(file, algorithm, config)
 
 
 def run_wrk(
@@ -232,8 +311,11 @@ def run_wrk(
     method: str = "IssueCoupon",
     script: Path = LUA,
     script_args: tuple[str, ...] = (),
+    customers: Customers | None = None,
 ) -> dict[str, Any]:
     threads = wrk_threads(connections)
+    if customers is not None:
+        script, script_args = CUSTOMERS_LUA, (campaign_id, *customers.wrk_args)
     command = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
         "-s", str(script), url + SERVICE + "/" + method, "--", *(script_args or (campaign_id,)),
@@ -327,7 +409,8 @@ def measure_http(
     row: Row,
     connections: int,
     args: argparse.Namespace,
-    campaign: str,  # "large", "soldout" or "echo"
+    campaign: str,  # "large", "soldout", "echo" or "customers"
+    customers: Customers | None = None,
     *,
     server_pid: int | None = None,
     protocol: str = "json",
@@ -335,7 +418,7 @@ def measure_http(
     for run in range(args.runs):
         campaign_id = "echo-campaign"
         if campaign != "echo":
-            total = LARGE_CAMPAIGN if campaign == "large" else 1
+            total = 1 if campaign == "soldout" else LARGE_CAMPAIGN
             status, body = rpc(
                 base_url, "CreateCampaign", {"name": "bench", "total": total}, args.token
             )
@@ -350,7 +433,7 @@ def measure_http(
                 rpc(base_url, "IssueCoupon", {"campaignId": campaign_id}, "")
         transactions_before = issuance_transactions(base_url)
         cpu_before = process_tree_cpu_s(server_pid) if server_pid else 0.0
-        result = run_load(base_url, campaign_id, connections, args.duration, protocol)
+        result = run_load(base_url, campaign_id, connections, args.duration, protocol, customers)
         cpu_s = process_tree_cpu_s(server_pid) - cpu_before if server_pid else 0.0
         transactions = issuance_transactions(base_url) - transactions_before
         seconds = result["duration_us"] / 1e6
@@ -369,6 +452,9 @@ def measure_http(
             )
             issued = int(page.get("issuedCount", -1))
             expected_max = 1 if campaign == "soldout" else LARGE_CAMPAIGN
+            if campaign == "customers":
+                # Customers retry: a repeat answers the customer's code again, not a new one.
+                note += f" {issued:,} codes for {good:,} answers"
             if campaign == "large" and issued < good:
                 note += f" server counts {issued} issued < {good} acknowledged!"
             if issued > expected_max:
@@ -654,6 +740,13 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
             add(f"protocol-{protocol}@{c}", f"{label}, memory, pyvoy, c={c}", "issued/s",
                 baseline, kind="coupon", store="memory", workers=1, conns=c,
                 campaign="large", engine="pyvoy", protocol=protocol)  # fmt: skip
+    if "jwt" in only:
+        for algorithm in (None, "RS256", "ES256"):
+            who = "no-JWT customers (userId)" if algorithm is None else f"{algorithm} customers"
+            add(f"jwt-{algorithm or 'none'}@64", f"{who}, retrying, memory, c=64",
+                "answers/s", None if algorithm is None else "jwt-none@64", kind="coupon",
+                store="memory", workers=1, conns=64, campaign="customers",
+                algorithm=algorithm)  # fmt: skip
     return rows
 
 
@@ -675,9 +768,10 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
         # One server per (kind, store, workers); all its rows run before it is stopped.
         groups: dict[tuple[Any, ...], list[tuple[Row, dict[str, Any]]]] = {}
         for row, how in planned:
-            group = (how["kind"], how.get("store"), how.get("workers"), how.get("engine"))
+            group = (how["kind"], how.get("store"), how.get("workers"), how.get("campaign"),
+                     how.get("algorithm"), how.get("engine"))  # fmt: skip
             groups.setdefault(group, []).append((row, how))
-        for (kind, store, workers, engine), members in groups.items():
+        for (kind, store, workers, campaign, algorithm, engine), members in groups.items():
             if kind == "pgbench":
                 row = members[0][0]
                 if pg is None:
@@ -695,17 +789,28 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                 continue
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"
+            customers = None
+            if campaign == "customers":
+                customers = make_customers(workdir, algorithm or "ES256", args.jwt_customers)
+                if algorithm is None:  # the baseline: the same customers, no verification
+                    customers = Customers(customers.file, None)
             if kind == "echo":
                 command = [sys.executable, str(ECHO), "--port", str(port)]
             else:
                 dsn = pg.dsn if pg else ""
                 command = coupon_server_command(
-                    workdir, store, workers, port, dsn, args.token, engine or "uvicorn"
-                )
+                    workdir, store, workers, port, dsn, args.token, customers
+                    if customers is not None and customers.algorithm else None,
+                    engine or "uvicorn",
+                )  # fmt: skip
             name = "echo" if kind == "echo" else f"{store}-{workers}w-{engine or 'uvicorn'}"
+            if customers is not None:
+                name += f"-{customers.algorithm or 'userid'}"
             log(f"starting {name}: {shlex.join(command)}")
             try:
                 with server_process(command, base_url, workdir / f"{name}.log") as process:
+                    # Anonymous even for the jwt rows (refused there): the customers' tokens are
+                    # first seen, and verified, in the first measured run.
                     warm_up(base_url, args, needs_campaign=kind != "echo")
                     for row, how in members:
                         log(f"{row.label}:")
@@ -715,7 +820,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                                                process.pid)  # fmt: skip
                                 continue
                             measure_http(base_url, row, how["conns"], args, how.get(
-                                "campaign", "echo"), server_pid=process.pid,
+                                "campaign", "echo"), customers, server_pid=process.pid,
                                 protocol=how.get("protocol", "json"))  # fmt: skip
                         except BenchError as e:
                             row.not_measured = str(e)
@@ -804,8 +909,9 @@ def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, argv
     lines += [
         "",
         "Baselines: memory and sold-out rows against the echo server at the same connection "
-        "count; Postgres rows against pgbench's transactions/s on the same PostgreSQL; the "
-        "gRPC row against Connect binary over h2c on the same server (same tool, same HTTP/2).",
+        "count; Postgres rows against pgbench's transactions/s on the same PostgreSQL; JWT rows "
+        "against the same customers sending their user id without a token; the gRPC row against "
+        "Connect binary over h2c on the same server (same tool, same HTTP/2).",
         "",
         "![throughput per configuration](benchmarks.png)",
         "",
@@ -852,6 +958,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--token",
         default=os.environ.get("COUPON_ADMIN_TOKEN", ""),
         help="admin token the started servers require (default: $COUPON_ADMIN_TOKEN)",
+    )
+    parser.add_argument(
+        "--jwt-customers",
+        type=int,
+        default=5000,
+        help="customers of the jwt rows; each holds one token and retries with it",
     )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--chart", type=Path, default=ROOT / "docs" / "benchmarks.png")

@@ -5,6 +5,9 @@ Headless:
         -u 200 -r 50 -t 60s --campaign-total 5000 --html report.html
 Web UI (http://127.0.0.1:8089):
     locust -f scripts/locustfile.py -H http://127.0.0.1:8080 --web-host 127.0.0.1
+Against a locked deployment: --token <admin API key> for the run's own admin calls, and
+--jwt-key <signing key> (with --jwt-alg/--jwt-issuer/--jwt-audience) so that each Locust user
+is a customer with its own JWT (see scripts/customer_tokens.py).
 
 At test start the run creates its own campaign (--campaign-total codes, opening
 --start-offset-s seconds later), unless --campaign-id names an existing one. Sold out and
@@ -27,6 +30,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import customer_tokens
 import gevent
 from locust import FastHttpUser, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
@@ -84,9 +88,10 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument(
         "--token",
         default=os.environ.get("COUPON_ADMIN_TOKEN", ""),
-        help="admin token for CreateCampaign/GetCampaign (default: $COUPON_ADMIN_TOKEN)",
+        help="admin API key for CreateCampaign/GetCampaign (default: $COUPON_ADMIN_TOKEN)",
         is_secret=True,  # masked in the web UI
     )
+    customer_tokens.add_arguments(parser)
 
 
 def admin_call(environment: Environment, method: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +238,13 @@ class CouponUser(FastHttpUser):
 
     def on_start(self) -> None:
         self.user_id = f"locust-{uuid.uuid4().hex[:12]}"
-        self.send_user_id = bool(self.environment.parsed_options.user_ids)
+        options = self.environment.parsed_options
+        self.headers = {"Content-Type": "application/json"}
+        minter = customer_tokens.minter_from(options)
+        # A customer with a token is one user: the server takes the user id from the token.
+        self.send_user_id = bool(options.user_ids) or minter is not None
+        if minter is not None:
+            self.headers.update(minter.headers(self.user_id))
 
     @task
     def issue_coupon(self) -> None:
@@ -247,7 +258,7 @@ class CouponUser(FastHttpUser):
         with self.client.post(
             f"{SERVICE}/IssueCoupon",
             data=json.dumps(body),
-            headers={"Content-Type": "application/json"},
+            headers=self.headers,
             name="IssueCoupon",
             catch_response=True,
         ) as response:

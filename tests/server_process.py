@@ -34,6 +34,7 @@ class ServerProcess:
         shutdown_timeout_s: int | None = None,
         engine: str | None = None,
         extra: dict[str, dict[str, object]] | None = None,
+        auth: dict[str, object] | None = None,
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -55,6 +56,8 @@ class ServerProcess:
             merged = dict(config.get(section) or {})  # type: ignore[call-overload]
             merged.update(values)
             config[section] = merged
+        if auth is not None:
+            config["auth"] = auth
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self._process: subprocess.Popen[bytes] | None = None
 

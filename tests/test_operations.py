@@ -52,7 +52,7 @@ async def test_admin_calls_need_the_token_and_issuing_stays_open(
     status, body = await admin_call(
         anonymous, "CreateCampaign", {"name": "x", "total": 1}, "Bearer guess"
     )
-    assert (status, body["code"]) == (403, "permission_denied")
+    assert (status, body["code"]) == (401, "unauthenticated")
     assert TOKEN not in body["message"]
     status, body = await admin_call(
         anonymous, "CreateCampaign", {"name": "x", "total": 1}, f"Bearer {TOKEN}"
@@ -65,7 +65,7 @@ async def test_admin_calls_need_the_token_and_issuing_stays_open(
     status, body = await call(anonymous, "GetCampaign", campaign)
     assert (status, body["code"]) == (401, "unauthenticated")
     status, body = await admin_call(anonymous, "GetCampaign", campaign, TOKEN)  # no "Bearer"
-    assert (status, body["code"]) == (403, "permission_denied")
+    assert (status, body["code"]) == (401, "unauthenticated")
     status, body = await admin_call(anonymous, "GetCampaign", campaign, f"Bearer {TOKEN}")
     assert (status, body["issuedCount"]) == (200, 1)
 
@@ -103,10 +103,23 @@ async def test_metrics_count_calls_codes_issues_and_refusals(client: httpx.Async
     def delta(name: str, **labels: str) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
 
-    assert delta("coupon_requests_total", method="IssueCoupon", code="ok") == 2
-    assert delta("coupon_requests_total", method="IssueCoupon", code="resource_exhausted") == 1
-    assert delta("coupon_requests_total", method="IssueCoupon", code="invalid_argument") == 2
-    assert delta("coupon_requests_total", method="CreateCampaign", code="ok") == 1
+    assert delta("coupon_requests_total", method="IssueCoupon", code="ok", key="anonymous") == 2
+    assert (
+        delta(
+            "coupon_requests_total",
+            method="IssueCoupon",
+            code="resource_exhausted",
+            key="anonymous",
+        )
+        == 1
+    )
+    assert (
+        delta(
+            "coupon_requests_total", method="IssueCoupon", code="invalid_argument", key="anonymous"
+        )
+        == 2
+    )
+    assert delta("coupon_requests_total", method="CreateCampaign", code="ok", key="open") == 1
     assert delta("coupon_coupons_issued_total") == 2
     assert delta("coupon_issue_refusals_total", reason="sold_out") == 1
     assert delta("coupon_request_duration_seconds_count", method="IssueCoupon") == 5

@@ -84,3 +84,26 @@ def test_the_cmd_entry_script_runs_from_a_checkout() -> None:
     result = run_entry([sys.executable, str(ROOT / "cmd" / "server.py"), "--help"])
     assert result.returncode == 0
     assert "--config" in result.stdout
+
+
+def test_an_open_admin_beyond_loopback_stops_start_up(tmp_path: Path) -> None:
+    # Refused before any socket is bound, so 0.0.0.0 here never listens.
+    result = run_entry(
+        [str(SERVER_SCRIPT), "--config", "configs/config.yaml"],
+        env={"COUPON_SERVER_HOST": "0.0.0.0", "COUPON_SERVER_PORT": str(free_port())},
+    )
+    assert result.returncode == 2
+    assert "COUPON_AUTH_ADMIN_TOKEN" in result.stderr
+    assert "allow_open_admin" in result.stderr
+
+
+def test_a_customer_key_file_that_cannot_serve_stops_start_up(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "auth:\n  customers:\n    jwt: {algorithms: [RS256], public_key_file: "
+        f"{tmp_path / 'absent.pem'}, issuer: i, audience: a}}\n"
+    )
+    result = run_entry([str(SERVER_SCRIPT), "--config", str(config)])
+    assert result.returncode == 2
+    assert "absent.pem" in result.stderr
+    assert "Traceback" not in result.stderr

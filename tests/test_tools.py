@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +19,11 @@ import pytest
 from coupon.app import create_app
 from coupon.config import Config
 from coupon.store.memory import MemoryStore
+from tests.auth_support import AUDIENCE, ISSUER, KEYS, jwt_config, locked_auth, rsa_pair
 from tests.support import ServerThread
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
     from starlette.types import Receive, Scope, Send
 
@@ -87,7 +89,7 @@ def run_tool(command: list[str], timeout_s: float = 60) -> subprocess.CompletedP
     )
 
 
-def concurrency_check(*urls: str) -> subprocess.CompletedProcess[str]:
+def concurrency_check(*urls: str, extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     return run_tool(
         [
             sys.executable,
@@ -101,6 +103,7 @@ def concurrency_check(*urls: str) -> subprocess.CompletedProcess[str]:
             "1",
             "--concurrency",
             "50",
+            *extra,
         ]
     )
 
@@ -229,6 +232,63 @@ def test_bench_runs_the_redeem_row(tmp_path: Path, pg_dsn: str) -> None:
     assert row.startswith("| RedeemCoupon, postgres, 2 worker(s), c=64 | redeemed/s | ")
     assert "not measured" not in row
     assert "!" not in row  # a violation note: codes ran out, or counts that disagree
+
+
+def test_bench_runs_the_jwt_rows(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed; bench.py needs it: apt-get install -y wrk")
+    report = tmp_path / "bench.md"
+    done = run_tool(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench.py"),
+            *("--only", "jwt", "--duration", "1", "--runs", "1", "--warmup", "0"),
+            *("--jwt-customers", "50", "--output", str(report)),
+            *("--chart", str(tmp_path / "bench.png")),
+        ]
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = report.read_text()
+    for label in ("no-JWT customers (userId)", "RS256 customers", "ES256 customers"):
+        assert f"| {label}, retrying, memory, c=64 | answers/s |" in text
+    assert "x no-JWT customers" in text
+    assert "not measured" not in text
+    assert "50 codes for" in text  # every customer got one code, however often it called
+
+
+@pytest.fixture
+def locked_server(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
+    """A server that wants an admin key and customers' JWTs; yields its URL and the flags a
+    tool needs to run against it."""
+    pair = rsa_pair()
+    private_key = tmp_path / "customers-private.pem"
+    private_key.write_bytes(pair.private_pem)
+    config = replace(Config(), auth=locked_auth(jwt_config(pair.write_public(tmp_path))))
+    flags = [
+        *("--token", KEYS["ops"][0], "--jwt-key", str(private_key), "--jwt-alg", "RS256"),
+        *("--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE),
+    ]
+    with ServerThread(create_app(config, MemoryStore())) as server:
+        yield server.base_url, flags
+
+
+def test_concurrency_check_runs_against_a_locked_server(
+    locked_server: tuple[str, list[str]],
+) -> None:
+    url, flags = locked_server
+    done = concurrency_check(url, extra=flags)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Issued: 20 codes, SoldOut: 280, Errors: 0" in done.stdout
+    refused = concurrency_check(url, extra=flags[:2])  # the admin key, but no customers' tokens
+    assert "HTTP 401 unauthenticated" in refused.stdout, refused.stdout + refused.stderr
+
+
+def test_locust_runs_against_a_locked_server(locked_server: tuple[str, list[str]]) -> None:
+    url, flags = locked_server
+    done = locust(url, *flags)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "VERDICT: PASS" in output
 
 
 def test_bench_runs_the_protocol_rows_with_cpu_per_call(tmp_path: Path) -> None:

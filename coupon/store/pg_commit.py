@@ -2,7 +2,8 @@
 transaction may or may not have committed. Answering `unavailable` to the whole group would
 be wrong when it did (an anonymous caller retries and takes a second coupon), so the group
 asks the database on a fresh connection: `pg_xact_status(xid)` of the transaction's id, which
-take_many returned in its own round trip. Committed: every caller gets the group's outcome.
+take_many returned in its own round trip. Committed (and durable: see _confirm_durable): every
+caller gets the group's outcome.
 Aborted: callers of a new code get `unavailable` (nothing of theirs is stored). Not knowable
 within the bound (the database is unreachable): those callers get CommitUnknown.
 
@@ -87,6 +88,7 @@ async def commit_status(
                     row = await cursor.fetchone()
                     status = row[0] if row else None
                     if status == "committed":
+                        await _confirm_durable(conn, sql)
                         return True
                     if status == "aborted":
                         return False
@@ -97,6 +99,20 @@ async def commit_status(
     except (TimeoutError, psycopg.Error) as e:
         log.warning("could not learn a group's commit status (%s)", type(e).__name__)
         return None
+
+
+async def _confirm_durable(conn: AsyncConnection[Any], sql: Mapping[str, str]) -> None:
+    """Return only once what this session read is durable where the data's future lies.
+
+    Around a failover the old primary may come back writable for a moment after crash
+    recovery and show a commit its synchronous standby never confirmed, which the promotion
+    then drops (seen in tests/test_failover.py). A transaction of our own that takes an id
+    commits only once the synchronous standbys hold the WAL up to its commit record, which
+    follows the group's: on such an isolated primary it waits until the caller's bound runs
+    out (CommitUnknown), and never confirms a commit that can still be lost.
+    """
+    async with conn.transaction():
+        await conn.execute(sql["take_xid"])
 
 
 def answers_after(

@@ -54,11 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("coupon.store.postgres")
 
 READY_CHECK_TIMEOUT_S = 2.0
-# psycopg_pool retries a failed connection with doubling delays until this many seconds have
-# passed (default 300), then frees the slot, and the next request starts a fresh attempt.
-# Kept short so that, after an outage, a slot is never parked in a minute-long backoff while
-# the database is back: service resumes within seconds.
-RECONNECT_TIMEOUT_S = 10.0
 # Campaign ids are chosen by callers: what a process remembers about them is bounded.
 MAX_CACHED_CAMPAIGNS = 10_000
 # A campaign id the database did not know is refused without a query for this long (another
@@ -155,7 +150,11 @@ class PostgresStore:
             # Bounded wait for a connection: when the database is gone, callers get
             # `unavailable` quickly instead of queueing for the default 30 s.
             timeout=config.connect_timeout_s,
-            reconnect_timeout=RECONNECT_TIMEOUT_S,
+            # psycopg_pool retries a failed connection after 1 s, 2 s, 4 s... until this many
+            # seconds have passed, then frees the slot and the next call starts a fresh
+            # attempt at once. A short bound keeps a slot from sleeping in that backoff while
+            # a promoted standby (or a restarted server) already accepts writes.
+            reconnect_timeout=config.reconnect_timeout_s,
             kwargs=connection_kwargs(config),
             name="coupon",
         )

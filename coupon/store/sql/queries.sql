@@ -27,6 +27,12 @@ SELECT now();
 -- committed / aborted / in progress (NULL: older than the wraparound horizon).
 SELECT pg_xact_status(%(xid)s::xid8);
 
+-- name: take_xid
+-- Run inside a transaction that then commits: a transaction with an id writes a commit
+-- record, and its COMMIT waits for the synchronous standbys like any write's (see
+-- pg_commit.commit_status).
+SELECT pg_current_xact_id();
+
 -- name: create_campaign
 -- With the campaign, its 16 redemption counter rows (see migration 0002).
 WITH created AS (
