@@ -110,7 +110,7 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(connect_prefix):
-            if _is_native_grpc(scope):
+            if _is_native_grpc(scope) and _TRAILERS not in (scope.get("extensions") or {}):
                 await _NATIVE_GRPC_REFUSAL(scope, receive, send)
                 return
             await connect_asgi(scope, receive, send)
@@ -120,11 +120,13 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
     return app
 
 
-# Native gRPC needs HTTP/2 trailers, which uvicorn does not send; without this refusal the
-# runtime fails inside the call and logs a traceback. gRPC-Web carries its trailers in the body
-# and works, as do Connect JSON and binary.
+# Native gRPC needs HTTP/2 trailers, which uvicorn does not send (server.engine: pyvoy does);
+# without this refusal the runtime fails inside the call and logs a traceback. gRPC-Web carries
+# its trailers in the body and works everywhere, as do Connect JSON and binary.
+_TRAILERS = "http.response.trailers"
 _NATIVE_GRPC_REFUSAL = PlainTextResponse(
-    "native gRPC (HTTP/2 trailers) is not served here; use the Connect protocol or gRPC-Web\n",
+    "native gRPC (HTTP/2 trailers) is not served by this server (server.engine: uvicorn); "
+    "use the Connect protocol or gRPC-Web, or run it with server.engine: pyvoy\n",
     status_code=415,
     headers={"Accept-Post": "application/json, application/proto, application/grpc-web"},
 )

@@ -19,6 +19,7 @@ N = TypeVar("N", int, float)
 
 STORE_TYPES = ("memory", "postgres")
 LOG_FORMATS = ("text", "json")
+ENGINES = ("uvicorn", "pyvoy")  # pyvoy: HTTP/2 and native gRPC as well (coupon/pyvoy_server.py)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -35,6 +36,7 @@ class ServerConfig:
     log_format: str = "text"
     log_level: str = "info"
     shutdown_timeout_s: int = 20
+    engine: str = "uvicorn"
     # Limits per worker process (uvicorn has no header or body timeout of its own).
     header_timeout_s: float = 10.0  # from connect (or the previous answer) to the request's headers
     body_timeout_s: float = 10.0  # from the headers to the request's last body byte
@@ -298,6 +300,11 @@ def _check(config: Config) -> None:
         raise ConfigError("server.port must be between 0 and 65535")
     if config.server.workers < 1:
         raise ConfigError("server.workers must be at least 1")
+    if config.server.engine not in ENGINES:
+        raise ConfigError(f"server.engine must be one of {', '.join(ENGINES)}")
+    if config.server.engine == "pyvoy" and config.server.workers > 1 and config.server.port == 0:
+        # Each Envoy process would pick a port of its own.
+        raise ConfigError("server.engine pyvoy with server.workers > 1 needs a server.port")
     if config.server.workers > 1 and config.store.type == "memory":
         raise ConfigError(
             "server.workers > 1 needs store.type: postgres; the memory store lives inside one "

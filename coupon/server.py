@@ -19,7 +19,7 @@ from uvicorn.supervisors import Multiprocess
 
 from coupon.app import CONFIG_PATH_ENV
 from coupon.auth import Authenticator, open_admin_refusal
-from coupon.config import ConfigError, load_config
+from coupon.config import Config, ConfigError, load_config
 from coupon.http_limits import limited_protocol
 from coupon.logs import logging_config
 from coupon.metrics import MULTIPROCESS_DIR_ENV
@@ -83,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         os.environ.pop(CONFIG_PATH_ENV, None)
     log.info(
-        "starting: store=%s host=%s port=%d workers=%d",
+        "starting: store=%s host=%s port=%d workers=%d engine=%s",
         config.store.type,
         config.server.host,
         config.server.port,
         config.server.workers,
+        config.server.engine,
     )
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
     # it found. Finding this one, a graceful stop exits 0, as service managers expect (and a
@@ -95,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _exit_quietly)
     _raise_file_limit(config.server.max_connections)
+    try:
+        return _serve(config, log_config)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(config: Config, log_config: dict[str, Any]) -> int:
+    """Run the configured HTTP engine until it stops; its exit code."""
     options: dict[str, Any] = {
         "factory": True,
         "host": config.server.host,
@@ -108,18 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         "limit_concurrency": config.server.max_connections,
         "timeout_keep_alive": config.server.keepalive_timeout_s,
     }
-    try:
-        if config.server.workers > 1:
-            # What uvicorn.run does for several workers, with a supervisor that lets go of the
-            # listening socket when it stops (see _ClosingMultiprocess).
-            uvicorn_config = uvicorn.Config(APP_FACTORY, **options)
-            sock = uvicorn_config.bind_socket()
-            _ClosingMultiprocess(uvicorn_config, sockets=[sock]).run()
-        else:
-            uvicorn.run(APP_FACTORY, **options)
-    finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+    if config.server.engine == "pyvoy":
+        # Imported here: Envoy's module loads only for the engine that needs it.
+        from coupon.pyvoy_server import serve
+
+        return serve(config)
+    if config.server.workers > 1:
+        # What uvicorn.run does for several workers, with a supervisor that lets go of the
+        # listening socket when it stops (see _ClosingMultiprocess).
+        uvicorn_config = uvicorn.Config(APP_FACTORY, **options)
+        sock = uvicorn_config.bind_socket()
+        _ClosingMultiprocess(uvicorn_config, sockets=[sock]).run()
+    else:
+        uvicorn.run(APP_FACTORY, **options)
     return 0
 
 

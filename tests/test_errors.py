@@ -210,6 +210,18 @@ async def test_unknown_method_and_wrong_content_type_are_http_errors(
     assert response.status_code == 415
 
 
+async def test_native_grpc_on_the_uvicorn_engine_is_415_naming_the_engine_that_serves_it(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post(
+        f"{SERVICE}/IssueCoupon",
+        content=b"\x00\x00\x00\x00\x00",
+        headers={"Content-Type": "application/grpc"},
+    )
+    assert response.status_code == 415
+    assert "server.engine: pyvoy" in response.text
+
+
 async def test_internal_errors_are_logged_with_their_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

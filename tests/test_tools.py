@@ -289,3 +289,50 @@ def test_locust_runs_against_a_locked_server(locked_server: tuple[str, list[str]
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "VERDICT: PASS" in output
+
+
+def test_bench_runs_the_protocol_rows_with_cpu_per_call(tmp_path: Path) -> None:
+    for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed; bench.py needs it: apt-get install -y {package}")
+    report = tmp_path / "bench.md"
+    done = run_tool(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench.py"),
+            "--only",
+            "protocols",
+            "--duration",
+            "1",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--output",
+            str(report),
+            "--chart",
+            str(tmp_path / "bench.png"),
+        ],
+        timeout_s=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = report.read_text()
+    assert "not measured" not in text, text
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")
+        for line in text.splitlines()
+        if ", memory, pyvoy, c=64 | issued/s |" in line
+    }
+    assert sorted(rows) == sorted(
+        [
+            "Connect JSON HTTP/1.1 (wrk), memory, pyvoy, c=64",
+            "Connect binary HTTP/1.1 (wrk), memory, pyvoy, c=64",
+            "Connect binary h2c (h2load), memory, pyvoy, c=64",
+            "gRPC h2c (h2load), memory, pyvoy, c=64",
+        ]
+    ), text
+    for cells in rows.values():
+        cpu_us_per_call = float(cells[5].replace(",", ""))
+        assert cpu_us_per_call > 0  # measured from the server's /proc stat, not left blank
+        assert "!" not in cells[-1], cells  # notes flag violations (fewer issued than acked)
+    assert "x Connect binary h2c (h2load)" in rows["gRPC h2c (h2load), memory, pyvoy, c=64"][7]

@@ -1,12 +1,20 @@
--- wrk script for scripts/bench.py: POST IssueCoupon (Connect JSON) for one campaign.
+-- wrk script for scripts/bench.py: POST IssueCoupon for one campaign, as Connect JSON or, with
+-- "proto" after the campaign id, as Connect binary protobuf.
 -- Usage: wrk -t2 -c64 -d10s -s scripts/wrk/issue.lua \
---          http://127.0.0.1:8080/coupon.CouponService/IssueCoupon -- <campaign-id>
+--          http://127.0.0.1:8080/coupon.CouponService/IssueCoupon -- <campaign-id> [json|proto]
 -- At the end it prints one line "BENCH_JSON {...}" that bench.py parses (latency in µs).
 
 function init(args)
+  local campaign_id = args[1] or ""
   wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/json"
-  wrk.body = '{"campaignId":"' .. (args[1] or "") .. '"}'
+  if args[2] == "proto" then
+    -- IssueCouponRequest{campaign_id}: field 1, length-delimited (a UUID is under 128 bytes).
+    wrk.headers["Content-Type"] = "application/proto"
+    wrk.body = string.char(0x0a, #campaign_id) .. campaign_id
+  else
+    wrk.headers["Content-Type"] = "application/json"
+    wrk.body = '{"campaignId":"' .. campaign_id .. '"}'
+  end
 end
 
 function done(summary, latency, requests)
