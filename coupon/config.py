@@ -67,7 +67,10 @@ class DatabaseConfig:
     # (set them per role instead behind a pooler that refuses `options`; docs/postgres.md).
     session_options: bool = True
     statement_timeout_s: float = 5.0
-    lock_timeout_s: float = 2.0
+    # As long as a call's own bound: waiting behind another group's commit for the campaign's
+    # row lock is normal (longer with a synchronous standby), and must not fail a call sooner
+    # than call_timeout_s would.
+    lock_timeout_s: float = 5.0
     idle_in_transaction_timeout_s: float = 10.0
     # TCP keepalives and user timeout (client side, so they work behind a pooler too).
     keepalive_idle_s: int = 10
