@@ -173,61 +173,40 @@ def test_locust_headless_fails_its_audit_on_overselling(overselling_server: str)
     assert "VERDICT: FAIL" in output
 
 
-def test_bench_runs_the_echo_rows(tmp_path: Path) -> None:
-    if shutil.which("wrk") is None:
-        pytest.fail("wrk is not installed; bench.py needs it: apt-get install -y wrk")
+def run_bench(
+    tmp_path: Path, *rows_and_flags: str, tools: tuple[str, ...] = ("wrk",), timeout_s: float = 60
+) -> str:
+    """One short bench.py run (1 s, 1 run, no warm-up); its Markdown report."""
+    packages = {"wrk": "wrk", "h2load": "nghttp2-client"}
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.fail(
+                f"{tool} is not installed; bench.py needs it: apt-get install -y {packages[tool]}"
+            )
     report = tmp_path / "bench.md"
     done = run_tool(
         [
             sys.executable,
             str(SCRIPTS / "bench.py"),
-            "--only",
-            "echo",
-            "--duration",
-            "1",
-            "--runs",
-            "1",
-            "--warmup",
-            "0",
-            "--output",
-            str(report),
-            "--chart",
-            str(tmp_path / "bench.png"),
-        ]
+            *("--duration", "1", "--runs", "1", "--warmup", "0"),
+            *("--output", str(report), "--chart", str(tmp_path / "bench.png")),
+            *rows_and_flags,
+        ],
+        timeout_s=timeout_s,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    text = report.read_text()
+    return report.read_text()
+
+
+def test_bench_runs_the_echo_rows(tmp_path: Path) -> None:
+    text = run_bench(tmp_path, "--only", "echo")
     assert "| echo baseline, c=64 | echoes/s |" in text
     assert "not measured" not in text
 
 
 def test_bench_runs_the_redeem_row(tmp_path: Path, pg_dsn: str) -> None:
-    if shutil.which("wrk") is None:
-        pytest.fail("wrk is not installed; bench.py needs it: apt-get install -y wrk")
-    report = tmp_path / "bench.md"
-    done = run_tool(
-        [
-            sys.executable,
-            str(SCRIPTS / "bench.py"),
-            "--only",
-            "redeem",
-            "--dsn",
-            pg_dsn,
-            "--duration",
-            "1",
-            "--runs",
-            "1",
-            "--warmup",
-            "0",
-            "--output",
-            str(report),
-            "--chart",
-            str(tmp_path / "bench.png"),
-        ],
-        timeout_s=180,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    (row,) = [line for line in report.read_text().splitlines() if line.startswith("| Redeem")]
+    text = run_bench(tmp_path, "--only", "redeem", "--dsn", pg_dsn, timeout_s=180)
+    (row,) = [line for line in text.splitlines() if line.startswith("| Redeem")]
     print(f"\n{row}")
     assert row.startswith("| RedeemCoupon, postgres, 2 worker(s), c=64 | redeemed/s | ")
     assert "not measured" not in row
@@ -235,20 +214,7 @@ def test_bench_runs_the_redeem_row(tmp_path: Path, pg_dsn: str) -> None:
 
 
 def test_bench_runs_the_jwt_rows(tmp_path: Path) -> None:
-    if shutil.which("wrk") is None:
-        pytest.fail("wrk is not installed; bench.py needs it: apt-get install -y wrk")
-    report = tmp_path / "bench.md"
-    done = run_tool(
-        [
-            sys.executable,
-            str(SCRIPTS / "bench.py"),
-            *("--only", "jwt", "--duration", "1", "--runs", "1", "--warmup", "0"),
-            *("--jwt-customers", "50", "--output", str(report)),
-            *("--chart", str(tmp_path / "bench.png")),
-        ]
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    text = report.read_text()
+    text = run_bench(tmp_path, "--only", "jwt", "--jwt-customers", "50")
     for label in ("no-JWT customers (userId)", "RS256 customers", "ES256 customers"):
         assert f"| {label}, retrying, memory, c=64 | answers/s |" in text
     assert "x no-JWT customers" in text
@@ -292,31 +258,7 @@ def test_locust_runs_against_a_locked_server(locked_server: tuple[str, list[str]
 
 
 def test_bench_runs_the_protocol_rows_with_cpu_per_call(tmp_path: Path) -> None:
-    for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed; bench.py needs it: apt-get install -y {package}")
-    report = tmp_path / "bench.md"
-    done = run_tool(
-        [
-            sys.executable,
-            str(SCRIPTS / "bench.py"),
-            "--only",
-            "protocols",
-            "--duration",
-            "1",
-            "--runs",
-            "1",
-            "--warmup",
-            "0",
-            "--output",
-            str(report),
-            "--chart",
-            str(tmp_path / "bench.png"),
-        ],
-        timeout_s=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    text = report.read_text()
+    text = run_bench(tmp_path, "--only", "protocols", tools=("wrk", "h2load"), timeout_s=120)
     assert "not measured" not in text, text
     rows = {
         line.split(" | ")[0].lstrip("| "): line.split(" | ")
