@@ -72,10 +72,11 @@ class CouponState(enum.Enum):
     EXPIRED = "expired"  # not redeemed, and the campaign has ended
 
 
-def coupon_state(*, redeemed: bool, end_time: datetime | None, now: datetime) -> CouponState:
+def coupon_state(*, redeemed: bool, ended: bool) -> CouponState:
+    """A coupon's state; `ended` is decided by the store's clock (the database's on Postgres)."""
     if redeemed:
         return CouponState.REDEEMED
-    if end_time is not None and now >= end_time:
+    if ended:
         return CouponState.EXPIRED
     return CouponState.ISSUED
 
@@ -146,6 +147,9 @@ class Campaign:
     brand: str = ""
     redeemed: int = 0  # codes redeemed now (cancelled redemptions not counted)
     created_at: datetime | None = None
+
+    def has_ended(self, now: datetime) -> bool:
+        return self.end_time is not None and now >= self.end_time
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,7 +119,7 @@ class MemoryStore:
         earlier = self._earlier_coupon(state, request)
         if earlier is not None:
             return self._issued(state, earlier, repeat=True)
-        if campaign.end_time is not None and now >= campaign.end_time:
+        if campaign.has_ended(now):
             raise CampaignEnded()
         if len(state.coupons) >= campaign.total:
             raise SoldOut()
@@ -204,8 +204,7 @@ class MemoryStore:
                 raise AlreadyRedeemed()
             return self._redemption(coupon, state)
         now = self._clock()
-        end_time = state.campaign.end_time
-        if end_time is not None and now >= end_time:
+        if state.campaign.has_ended(now):
             raise CouponExpired()
         coupon.order_id, coupon.redeemed_at = order_id, now
         state.redeemed += 1
@@ -273,8 +272,7 @@ class MemoryStore:
             issued_at=coupon.issued_at,
             state=coupon_state(
                 redeemed=coupon.order_id is not None,
-                end_time=state.campaign.end_time,
-                now=self._clock(),
+                ended=state.campaign.has_ended(self._clock()),
             ),
             redeemed_at=coupon.redeemed_at,
             order_id=coupon.order_id,

@@ -23,6 +23,7 @@ from coupon.campaigns import (
     ListCursor,
     Money,
     Redemption,
+    coupon_state,
 )
 from coupon.errors import AlreadyRedeemed, CouponExpired, CouponNotFound, NotHolder, UserMismatch
 
@@ -96,18 +97,12 @@ def _coupon_of(row: Sequence[Any]) -> Coupon:
     """A Coupon from the columns of get_coupon / cancel_redemption."""
     (code, campaign_id, user_id, issued_at, order_id, redeemed_at, end_time, percent, currency,
      minor, ended) = row  # fmt: skip
-    if order_id is not None:
-        state = CouponState.REDEEMED
-    elif ended:
-        state = CouponState.EXPIRED
-    else:
-        state = CouponState.ISSUED
     return Coupon(
         code=code,
         campaign_id=str(campaign_id),
         user_id=user_id,
         issued_at=issued_at,
-        state=state,
+        state=coupon_state(redeemed=order_id is not None, ended=ended),
         redeemed_at=redeemed_at,
         order_id=order_id,
         expires_at=end_time,
