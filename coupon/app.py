@@ -110,7 +110,8 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(connect_prefix):
-            if _is_native_grpc(scope) and _TRAILERS not in (scope.get("extensions") or {}):
+            # The extension first: a server that has it (pyvoy) skips the header scan.
+            if _TRAILERS not in (scope.get("extensions") or {}) and _is_native_grpc(scope):
                 await _NATIVE_GRPC_REFUSAL(scope, receive, send)
                 return
             await connect_asgi(scope, receive, send)

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.protocol import ProtocolType
 
+from coupon.codes import is_code
+from coupon.gen.coupon_connect import CouponServiceClientSync
 from coupon.gen.coupon_pb import IssueCouponRequest, IssueCouponResponse
 from tests.server_process import ServerProcess, children_of
 from tests.support import JSON, SERVICE, give_up_after
@@ -68,6 +73,21 @@ def test_one_port_serves_connect_json_binary_health_and_metrics(tmp_path: Path):
         assert "coupon_coupons_issued_total 2.0" in metrics
         log = server.log()
     assert "engine=pyvoy" in log
+    assert "Traceback" not in log
+
+
+def test_grpc_web_answers_and_refusals_through_envoy(tmp_path: Path):
+    """gRPC-Web rides HTTP/1.1 through coupon.pyvoy_asgi (native gRPC is tests/test_grpc.py)."""
+    with ServerProcess(tmp_path, None, workers=1, engine="pyvoy") as server:
+        server.wait_for("/readyz", 200)
+        campaign_id = create_campaign(server.base_url, 1)
+        with CouponServiceClientSync(server.base_url, protocol=ProtocolType.GRPC_WEB) as client:
+            reply = client.issue_coupon(IssueCouponRequest(campaign_id=campaign_id))
+            with pytest.raises(ConnectError) as sold_out:
+                client.issue_coupon(IssueCouponRequest(campaign_id=campaign_id))
+        log = server.log()
+    assert is_code(reply.code)
+    assert sold_out.value.code == Code.RESOURCE_EXHAUSTED
     assert "Traceback" not in log
 
 
