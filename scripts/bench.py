@@ -433,8 +433,9 @@ def measure_http(
     *,
     server_pid: int | None = None,
     protocol: str = "json",
+    runs: range | None = None,
 ) -> None:
-    for run in range(args.runs):
+    for run in runs if runs is not None else range(args.runs):
         campaign_id = "echo-campaign"
         if campaign != "echo":
             total = 1 if campaign == "soldout" else LARGE_CAMPAIGN
@@ -778,6 +779,17 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
     return rows
 
 
+def run_schedule(
+    members: list[tuple[Row, dict[str, Any]]], runs: int
+) -> list[tuple[Row, dict[str, Any], range]]:
+    """The order of one server's runs: each row's runs together, except for the protocol rows,
+    which are compared with each other on that server: their runs take turns, so a change in
+    the machine's load (or the memory store's growth) during the group favours none of them."""
+    if all("protocol" in how for _, how in members):
+        return [(row, how, range(run, run + 1)) for run in range(runs) for row, how in members]
+    return [(row, how, range(runs)) for row, how in members]
+
+
 def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[str, str]]:
     only = set(args.only)
     info = machine()
@@ -861,7 +873,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                     # Anonymous even for the jwt rows (refused there): the customers' tokens are
                     # first seen, and verified, in the first measured run.
                     warm_up(base_url, args, needs_campaign=kind != "echo")
-                    for row, how in members:
+                    for row, how, runs in run_schedule(members, args.runs):
+                        if row.not_measured:
+                            continue
                         log(f"{row.label}:")
                         try:
                             if how.get("campaign") == "redeem":
@@ -870,7 +884,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                                 continue
                             measure_http(base_url, row, how["conns"], args, how.get(
                                 "campaign", "echo"), customers, server_pid=process.pid,
-                                protocol=how.get("protocol", "json"))  # fmt: skip
+                                protocol=how.get("protocol", "json"), runs=runs)  # fmt: skip
                         except BenchError as e:
                             row.not_measured = str(e)
             except BenchError as e:
