@@ -1,8 +1,8 @@
 """The ASGI seam between pyvoy 1.3.0 and connectrpc 0.13 for gRPC and gRPC-Web calls.
 
 connectrpc serves those two protocols with its streaming machinery even for a unary method,
-and that machinery meets three costly habits of pyvoy, each handled here, in the ASGI calls
-between the two libraries (neither is patched):
+and that machinery meets three behaviours of pyvoy, two costly and one a bug, each handled
+here, in the ASGI calls between the two libraries (neither is patched):
 
 1. pyvoy's receive() and a response body sent with `more_body: True` return futures that
    Envoy's thread settles through `call_soon_threadsafe`, a cross-thread round trip each;
