@@ -12,12 +12,11 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from coupon.auth import Authenticator, AuthInterceptor
+from coupon.auth import Authenticator
+from coupon.call_interceptor import CallInterceptor
 from coupon.config import Config, ConfigError, load_config
 from coupon.gen.coupon_connect import CouponServiceASGIApplication
-from coupon.metrics import MetricsInterceptor
 from coupon.metrics import render as render_metrics
-from coupon.request_ids import RequestIdInterceptor
 from coupon.rpc_errors import ErrorInterceptor
 from coupon.service import CouponServiceImpl
 from coupon.store.memory import MemoryStore
@@ -56,14 +55,9 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
     delivery = webhooks.runner() if config.webhooks.deliver_in_server else None
     connect_app = CouponServiceASGIApplication(
         CouponServiceImpl(the_store, config.limits),
-        # Metadata interceptors first: they run before the body is parsed, so metrics count
+        # The metadata interceptor first: it runs before the body is parsed, so metrics count
         # every call and a missing credential is refused without reading the body.
-        interceptors=[
-            MetricsInterceptor(),
-            RequestIdInterceptor(),
-            AuthInterceptor(Authenticator(config.auth)),
-            ErrorInterceptor(),
-        ],
+        interceptors=[CallInterceptor(Authenticator(config.auth)), ErrorInterceptor()],
         # Unknown JSON fields are refused: a misspelt "startTime" must not start a campaign now.
         codecs=[proto_binary_codec(), proto_json_codec(ignore_unknown_fields=False)],
         read_max_bytes=config.limits.max_request_bytes,

@@ -221,8 +221,13 @@ class CampaignList:
     next: ListCursor | None  # None on the last page
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def parse_campaign_id(text: str) -> str:
     """Return the canonical form of a campaign id, or raise InvalidArgument."""
+    if _CANONICAL_UUID.fullmatch(text):
+        return text  # what every id this service hands out looks like: no need to rebuild it
     if not text:
         raise InvalidArgument("campaign_id is required")
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -30,6 +31,38 @@ log = logging.getLogger("coupon.server")
 SHUTDOWN_FIRST_REQUEST_S = 1.0
 
 
+# How often the deadlines are checked, at most: a slow client is closed between its timeout and
+# that much later. One timer per server rather than one per request: arming and cancelling a
+# timer around every request cost more CPU than the rest of this module's work per call.
+MAX_SWEEP_INTERVAL_S = 0.25
+
+_sweepers: weakref.WeakKeyDictionary[ServerState, _DeadlineSweeper] = weakref.WeakKeyDictionary()
+
+
+class _DeadlineSweeper:
+    """Closes the server's connections whose headers or body are overdue, a few times a
+    second, while it has any connection to watch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, server_state: ServerState) -> None:
+        self._loop = loop
+        self._connections = server_state.connections
+        self._interval_s = MAX_SWEEP_INTERVAL_S
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, interval_s: float) -> None:
+        self._interval_s = min(self._interval_s, interval_s)
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._interval_s, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        watched = False
+        for connection in list(self._connections):
+            if isinstance(connection, LimitedHttpToolsProtocol):
+                watched = connection.close_if_overdue(now) or watched
+        self._timer = self._loop.call_later(self._interval_s, self._sweep) if watched else None
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(
         self,
@@ -44,36 +77,40 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self._header_timeout_s = header_timeout_s
         self._body_timeout_s = body_timeout_s
-        self._read_timer: asyncio.TimerHandle | None = None
+        # When the awaited headers or body are overdue (loop time), and which of the two.
+        self._deadline: float | None = None
+        self._phase = "header"
         self._served_any = False
         self._stopping = False
+        sweeper = _sweepers.get(server_state)
+        if sweeper is None:
+            sweeper = _sweepers[server_state] = _DeadlineSweeper(self.loop, server_state)
+        self._sweeper = sweeper
 
-    def _arm(self, seconds: float, phase: str) -> None:
-        self._disarm()
-        self._read_timer = self.loop.call_later(seconds, self._read_timed_out, phase)
+    def _expect(self, phase: str, within_s: float) -> None:
+        self._phase = phase
+        self._deadline = self.loop.time() + within_s
 
-    def _disarm(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
-
-    def _read_timed_out(self, phase: str) -> None:
-        self._read_timer = None
+    def close_if_overdue(self, now: float) -> bool:
+        """Close this connection if what it owes is overdue; whether it is still watched."""
+        if self._deadline is None:
+            return not self.transport.is_closing()
+        if now < self._deadline:
+            return True
+        self._deadline = None
         if not self.transport.is_closing():
-            metrics.HTTP_READ_TIMEOUTS.labels(phase).inc()
+            metrics.HTTP_READ_TIMEOUTS.labels(self._phase).inc()
             self.transport.close()
+        return False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm(self._header_timeout_s, "header")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+        self._expect("header", self._header_timeout_s)
+        self._sweeper.watch(min(self._header_timeout_s, self._body_timeout_s) / 4)
 
     def on_headers_complete(self) -> None:
         self._served_any = True
-        self._arm(self._body_timeout_s, "body")
+        self._expect("body", self._body_timeout_s)
         super().on_headers_complete()
         if self._stopping and self.cycle is not None:
             self.cycle.keep_alive = False  # answer it, then close
@@ -88,10 +125,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             super().shutdown()
             return
         if self.parser is not None and self.cycle is None:
-            self._arm(min(SHUTDOWN_FIRST_REQUEST_S, self._header_timeout_s), "header")
+            self._expect("header", min(SHUTDOWN_FIRST_REQUEST_S, self._header_timeout_s))
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self._deadline = None
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -99,7 +136,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # The next request's headers are due within the same bound (a kept-alive connection
         # that trickles them would otherwise escape the keep-alive timeout).
         if not self.transport.is_closing():
-            self._arm(self._header_timeout_s, "header")
+            self._expect("header", self._header_timeout_s)
 
 
 def limited_protocol(header_timeout_s: float, body_timeout_s: float) -> Any:

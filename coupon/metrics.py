@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from connectrpc.errors import ConnectError
 from prometheus_client import (
@@ -21,9 +21,6 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from coupon.caller import current_caller
-
-if TYPE_CHECKING:
-    from connectrpc.request import RequestContext
 
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -40,6 +37,9 @@ LATENCY = Histogram(
 )
 COUPONS_ISSUED = Counter("coupon_coupons_issued", "New codes issued (repeats for a user excluded)")
 REFUSALS = Counter("coupon_issue_refusals", "IssueCoupon calls refused, by reason", ["reason"])
+SOLD_OUT_REFUSALS = REFUSALS.labels("sold_out")
+NOT_STARTED_REFUSALS = REFUSALS.labels("not_started")
+ENDED_REFUSALS = REFUSALS.labels("ended")
 GROUP_SIZE = Histogram(
     "coupon_issue_group_size",
     "IssueCoupon calls served by one database transaction",
@@ -65,20 +65,24 @@ HTTP_READ_TIMEOUTS = Counter(
 )
 
 
-class MetricsInterceptor:
-    """A Connect metadata interceptor placed first, so it also counts calls refused before their
-    body was parsed (bad JSON, oversize bodies, auth)."""
+# The labelled series of every call, looked up once each: `labels()` costs a lock and a tuple
+# of label values on every call otherwise. Bounded: methods, Connect codes and key names
+# (from the config) are all few.
+_request_series: dict[tuple[str, str, str], Any] = {}
+_latency_series: dict[str, Any] = {}
 
-    async def on_start(self, ctx: RequestContext[Any, Any]) -> float:
-        return time.perf_counter()
 
-    async def on_end(
-        self, started: float, ctx: RequestContext[Any, Any], error: Exception | None
-    ) -> None:
-        method = ctx.method.name
-        code = "ok" if error is None else _code_of(error)
-        REQUESTS.labels(method, code, current_caller().name).inc()
-        LATENCY.labels(method).observe(time.perf_counter() - started)
+def record_call(method: str, error: Exception | None, started: float) -> None:
+    """Count one answered call (started at `perf_counter()` time `started`)."""
+    labels = (method, "ok" if error is None else _code_of(error), current_caller().name)
+    requests = _request_series.get(labels)
+    if requests is None:
+        requests = _request_series[labels] = REQUESTS.labels(*labels)
+    requests.inc()
+    latency = _latency_series.get(method)
+    if latency is None:
+        latency = _latency_series[method] = LATENCY.labels(method)
+    latency.observe(time.perf_counter() - started)
 
 
 def _code_of(error: Exception) -> str:

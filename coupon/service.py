@@ -123,13 +123,13 @@ class CouponServiceImpl(CouponService):
         try:
             coupon = await self._store.issue_coupon(campaign_id, issue)
         except SoldOut:
-            metrics.REFUSALS.labels("sold_out").inc()
+            metrics.SOLD_OUT_REFUSALS.inc()
             raise
         except CampaignNotStarted:
-            metrics.REFUSALS.labels("not_started").inc()
+            metrics.NOT_STARTED_REFUSALS.inc()
             raise
         except CampaignEnded:
-            metrics.REFUSALS.labels("ended").inc()
+            metrics.ENDED_REFUSALS.inc()
             raise
         if not coupon.repeat:
             metrics.COUPONS_ISSUED.inc()
