@@ -124,15 +124,17 @@ class PostgresStore:
         # Clocks of app hosts and the database may differ a little: only refuse "not started"
         # locally when the start is further away than any sane skew.
         self._start_margin = timedelta(seconds=config.start_margin_s)
-        self._facts: BoundedCache[uuid.UUID, CampaignFacts] = BoundedCache(MAX_CACHED_CAMPAIGNS)
-        self._sold_out: BoundedCache[uuid.UUID, bool] = BoundedCache(MAX_CACHED_CAMPAIGNS)
-        self._not_found: BoundedCache[uuid.UUID, bool] = BoundedCache(
+        # Keyed by the canonical id string the service hands over: the hot path answers from
+        # these without building a UUID.
+        self._facts: BoundedCache[str, CampaignFacts] = BoundedCache(MAX_CACHED_CAMPAIGNS)
+        self._sold_out: BoundedCache[str, bool] = BoundedCache(MAX_CACHED_CAMPAIGNS)
+        self._not_found: BoundedCache[str, bool] = BoundedCache(
             MAX_CACHED_CAMPAIGNS, ttl_s=NOT_FOUND_TTL_S
         )
         # The database clock minus this host's, learnt from every group and readiness check:
         # "not started" is decided by the database clock, even without a query.
         self._skew = timedelta(0)
-        self._groups: GroupRunner[uuid.UUID, IssueRequest, IssuedCoupon] = GroupRunner(
+        self._groups: GroupRunner[str, IssueRequest, IssuedCoupon] = GroupRunner(
             self._issue_group,
             max_group_size=config.max_group_size,
             on_group=metrics.GROUP_SIZE.observe,
@@ -285,10 +287,10 @@ class PostgresStore:
         assert row is not None
         start_time, created_at = row
         self._facts.put(
-            uuid.UUID(campaign.id),
+            campaign.id,
             CampaignFacts(campaign.total, start_time, campaign.end_time, campaign.discount),
         )
-        self._not_found.discard(uuid.UUID(campaign.id))
+        self._not_found.discard(campaign.id)
         return Campaign(
             id=campaign.id,
             name=campaign.name,
@@ -312,19 +314,18 @@ class PostgresStore:
         reckoned by the database clock as this process knows it (its own clock plus the skew
         last measured); near either boundary the database decides.
         """
-        cid = uuid.UUID(campaign_id)
         # This host's clock, corrected by the database clock's measured skew.
         now = self._clock() + self._skew
-        facts = self._facts.get(cid)
+        facts = self._facts.get(campaign_id)
         anonymous = request.user_id is None and request.idempotency_key is None
-        if anonymous and cid in self._sold_out and self._far_from_end(facts, now):
+        if anonymous and campaign_id in self._sold_out and self._far_from_end(facts, now):
             raise SoldOut()
-        if cid in self._not_found:
+        if campaign_id in self._not_found:
             raise CampaignNotFound()
         if facts is not None and now < facts.start_time - self._start_margin:
             raise CampaignNotStarted(facts.start_time)
         await self._ensure_migrated()
-        return await self._groups.submit(cid, request)
+        return await self._groups.submit(campaign_id, request)
 
     def _far_from_end(self, facts: CampaignFacts | None, now: datetime) -> bool:
         return facts is not None and (
@@ -332,8 +333,9 @@ class PostgresStore:
         )
 
     async def _issue_group(
-        self, cid: uuid.UUID, group: Group[IssueRequest, IssuedCoupon]
+        self, campaign_id: str, group: Group[IssueRequest, IssuedCoupon]
     ) -> list[IssuedCoupon | CouponError]:
+        cid = uuid.UUID(campaign_id)
         async with self._connection() as conn:
             # Only the callers still waiting now, as the transaction begins, are served.
             requests = group.claim()
@@ -364,11 +366,11 @@ class PostgresStore:
         if self._outbox is not None:
             metrics.WEBHOOK_EVENTS_WRITTEN.inc(_new_codes(outcome.results))
         if outcome.facts is not None:
-            self._facts.put(cid, outcome.facts)
+            self._facts.put(campaign_id, outcome.facts)
         if outcome.sold_out:
-            self._sold_out.put(cid, True)
+            self._sold_out.put(campaign_id, True)
         if outcome.results and all(isinstance(r, CampaignNotFound) for r in outcome.results):
-            self._not_found.put(cid, True)
+            self._not_found.put(campaign_id, True)
         return outcome.results
 
     async def _commit_landed(self, xid: str) -> bool | None:
