@@ -6,6 +6,7 @@ The tools run as subprocesses, as a user would run them, against a server in thi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -278,3 +279,25 @@ def test_bench_runs_the_protocol_rows_with_cpu_per_call(tmp_path: Path) -> None:
         assert cpu_us_per_call > 0  # measured from the server's /proc stat, not left blank
         assert "!" not in cells[-1], cells  # notes flag violations (fewer issued than acked)
     assert "x Connect binary h2c (h2load)" in rows["gRPC h2c (h2load), memory, pyvoy, c=64"][7]
+
+
+def test_profile_samples_the_memory_hot_path(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed; scripts/profile.py needs it: apt-get install -y wrk")
+    report = tmp_path / "profile.md"
+    done = run_tool(
+        [
+            sys.executable,
+            str(SCRIPTS / "profile.py"),
+            *("--only", "memory", "--duration", "1", "--warmup", "0", "--output", str(report)),
+        ],
+        timeout_s=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = report.read_text()
+    assert "### IssueCoupon, memory store, 1 worker, c=64" in text
+    samples = int(re.search(r"([\d,]+) samples at", text)[1].replace(",", ""))  # type: ignore[index]
+    assert samples > 0
+    # Our service answered the calls it sampled, and its frames are attributed to us.
+    assert "CouponServiceImpl.issue_coupon (coupon/service.py)" in text
+    assert "| ours (coupon/) |" in text

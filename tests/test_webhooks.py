@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -12,9 +13,23 @@ import pytest
 from coupon.app import create_app
 from coupon.config import Config, ConfigError, WebhookEndpoint, WebhooksConfig, load_config
 from coupon.gen import coupon_pb
-from coupon.webhooks.delivery import Backoff, Deliverer, encode_batch, endpoints_for
-from coupon.webhooks.events import ISSUED, new_event
+from coupon.webhooks.delivery import (
+    Backoff,
+    Deliverer,
+    DeliveryFailed,
+    encode_batch,
+    endpoints_for,
+)
+from coupon.webhooks.events import (
+    EVENT_ID_NAMESPACE,
+    ISSUED,
+    REDEEMED,
+    REDEMPTION_CANCELLED,
+    event_id,
+    new_event,
+)
 from coupon.webhooks.memory_outbox import MemoryOutbox
+from coupon.webhooks.pg_outbox import batch_size, batch_time
 from coupon.webhooks.signing import signature_header, verify
 from tests.support import JSON, SERVICE, ServerThread, give_up_after
 from tests.webhook_receiver import Receiver
@@ -173,3 +188,38 @@ def test_events_travel_as_proto3_json_of_an_event_batch():
         (event.id, "coupon.issued", "acme", "가나다라마0123", "user-42", "")
     ]
     assert decoded.events[0].time.to_datetime() == event.time
+
+
+@pytest.mark.parametrize("change", ["가나다라마0123", "ABCDEFGH", "", "17", "é/ü"])
+@pytest.mark.parametrize("event_type", [ISSUED, REDEEMED, REDEMPTION_CANCELLED])
+def test_an_event_id_is_the_uuid5_of_its_change(event_type: str, change: str):
+    expected = str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{event_type}/{change}"))
+    assert event_id(event_type, change) == expected
+    assert event_id(event_type, change) == event_id(event_type, change)  # a retry: same id
+
+
+def test_event_ids_differ_between_changes_and_types():
+    ids = {event_id(t, c) for t in (ISSUED, REDEEMED) for c in ("a", "b", "17", "18")}
+    assert len(ids) == 8
+
+
+def test_a_job_tells_list_dead_how_many_events_it_holds_and_when():
+    at = "2026-11-22T05:36:32.390769+00:00"
+    issued = {"endpoint": "u", "campaign_id": "c", "first_seq": 41, "last_seq": 72, "at": at}
+    history = {"endpoint": "u", "history_ids": [7, 9], "at": at}
+    earlier_build = {"endpoint": "u", "events": [{"id": "x", "time": at}, {"id": "y"}]}
+    assert [batch_size(job) for job in (issued, history, earlier_build)] == [32, 2, 2]
+    assert {batch_time(job) for job in (issued, history, earlier_build)} == {at}
+    assert (batch_size({"endpoint": "u"}), batch_time({"endpoint": "u"})) == (0, "")
+
+
+async def test_a_post_unanswered_within_the_timeout_fails():
+    with Receiver(SECRET) as receiver:
+        receiver.release.clear()  # the receiver holds every POST
+        deliverer = Deliverer(0.3)
+        event = new_event(ISSUED, time=datetime.now(UTC), campaign_id="c", brand="", code="k")
+        # Without the timeout the POST would end with the receiver's 204 after its hold.
+        with pytest.raises(DeliveryFailed, match="no answer"):
+            await deliverer.post(WebhookEndpoint(receiver.url, SECRET), [event])
+        receiver.release.set()
+        await deliverer.aclose()

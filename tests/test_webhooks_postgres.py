@@ -331,3 +331,80 @@ async def test_a_dead_letter_is_listed_and_delivered_after_retry(tmp_path: Path,
     assert retried.stdout.strip() == f"{job_id}\tqueued again"
     assert [e["code"] for e in receiver.events()] == [issued.json()["code"]]
     assert again.stdout.splitlines()[1:] == []
+
+
+async def test_brand_endpoints_get_their_brands_events_and_an_earlier_builds_job_is_sent(
+    tmp_path: Path, pg_dsn: str
+):
+    """A brand's endpoint receives only that brand's events (the brand is looked up once per
+    campaign and remembered); a job queued by the build before this one, which carried every
+    event's fields, is still delivered as it was written."""
+    from coupon.config import DatabaseConfig, WebhookEndpoint, WebhooksConfig
+    from coupon.webhooks.pg_outbox import PgOutbox
+
+    with Receiver(SECRET) as acme_only, Receiver(SECRET) as every_brand:
+        endpoints = [
+            {"url": acme_only.url, "secret": SECRET, "brand": "acme"},
+            {"url": every_brand.url, "secret": SECRET},
+        ]
+        hooks = hooks_config(every_brand, endpoints=endpoints)
+        with ServerProcess(tmp_path, pg_dsn, workers=1, extra=hooks) as server:
+            server.wait_for("/readyz", 200)
+            async with httpx.AsyncClient(
+                base_url=server.base_url, timeout=30, headers=JSON
+            ) as http:
+                campaigns = {}
+                for brand in ("acme", "globex"):
+                    created = await http.post(
+                        f"{SERVICE}/CreateCampaign",
+                        json={"name": brand, "total": 50, "brand": brand},
+                    )
+                    assert created.status_code == 200, created.text
+                    campaigns[brand] = created.json()["campaignId"]
+                for _ in range(3):  # three groups of one campaign: the brand from memory
+                    issued = await asyncio.gather(
+                        *(
+                            http.post(f"{SERVICE}/IssueCoupon", json={"campaignId": cid})
+                            for cid in campaigns.values()
+                            for _ in range(5)
+                        )
+                    )
+                    assert {r.status_code for r in issued} == {200}
+                earlier = {
+                    "id": "0b9c1a52-7d44-4f0e-8a43-5f3f0b7b2e11",
+                    "type": "coupon.issued",
+                    "time": "2026-11-22T05:36:32.390769+00:00",
+                    "campaign_id": campaigns["acme"],
+                    "brand": "acme",
+                    "code": "from-an-earlier-build",
+                    "user_id": "",
+                    "order_id": "",
+                }
+                outbox = PgOutbox(
+                    WebhooksConfig(endpoints=(WebhookEndpoint(every_brand.url, SECRET),)),
+                    DatabaseConfig(dsn=pg_dsn),
+                )
+                async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+                    await outbox.requeue(conn, {"endpoint": every_brand.url, "events": [earlier]})
+                    await conn.commit()
+                await wait_until_drained(pg_dsn)
+                deadline = time.monotonic() + 30
+                while every_brand.distinct_events() < 31 or acme_only.distinct_events() < 15:
+                    give_up_after(deadline, "every brand's events")
+                    await asyncio.sleep(0.05)  # polling interval
+    by_brand = Counter(e.get("brand", "") for e in every_brand.events())
+    print(
+        f"\nbrand endpoints: acme-only got {acme_only.distinct_events()} events, every-brand"
+        f" got {dict(by_brand)}"
+    )
+    assert {e["campaignId"] for e in acme_only.events()} == {campaigns["acme"]}
+    assert {e["brand"] for e in acme_only.events()} == {"acme"}
+    assert acme_only.distinct_events() == 15
+    assert by_brand == {"acme": 16, "globex": 15}
+    sent = next(e for e in every_brand.events() if e["code"] == "from-an-earlier-build")
+    assert sent["id"] == earlier["id"]
+    assert sent["time"] == "2026-11-22T05:36:32.390769Z"
+    # Both endpoints got the same ids for the same changes.
+    acme_ids = {e["id"] for e in acme_only.events()}
+    assert acme_ids <= {e["id"] for e in every_brand.events()}
+    assert acme_only.tallies.bad_signatures == every_brand.tallies.bad_signatures == 0

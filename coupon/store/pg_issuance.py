@@ -72,13 +72,18 @@ class _Claim:
 
 
 class IssuedRecorder(Protocol):
-    """Writes what the group issued somewhere else in the same transaction (webhook events)."""
+    """Writes what the group issued somewhere else in the same transaction (webhook events).
+
+    The group's new codes are the campaign's positions first_seq..last_seq (seq), all of them:
+    a group stores its winners at consecutive positions (see _insert_codes).
+    """
 
     async def __call__(
         self,
         conn: AsyncConnection[Any],
         campaign_id: uuid.UUID,
-        coupons: Sequence[tuple[str, str | None]],
+        first_seq: int,
+        last_seq: int,
         at: datetime,
     ) -> None: ...
 
@@ -124,8 +129,7 @@ async def issue_group(
         for claim in losers:
             _fail(results, claim, SoldOut())
         if on_issued is not None and codes:
-            issued = [(code, claim.user_id) for code, claim in zip(codes, winners, strict=True)]
-            await on_issued(conn, campaign_id, issued, now)
+            await on_issued(conn, campaign_id, before + 1, before + len(codes), now)
         outcome.sold_out = after - unused >= total
         outcome.results = _complete(results)
         if trace is not None:

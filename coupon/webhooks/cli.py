@@ -60,16 +60,14 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
 
 
 def _run_command(args: argparse.Namespace, config: Config) -> int:
-    from coupon.webhooks.pg_outbox import PgOutbox, list_dead, retry_dead
+    from coupon.webhooks.pg_outbox import PgOutbox, batch_size, batch_time, list_dead, retry_dead
 
     outbox = PgOutbox(config.webhooks, config.database)
     if args.action == "list-dead":
         jobs = asyncio.run(list_dead(outbox))
         print("job_id\tattempts\tevents\tfirst_event_time\tendpoint")
         for job in jobs:
-            events = job.task_kwargs.get("events")
-            count = len(events) if isinstance(events, list) else 0
-            first = _first_time(events)
+            count, first = batch_size(job.task_kwargs), batch_time(job.task_kwargs)
             print(f"{job.id}\t{job.attempts}\t{count}\t{first}\t{_safe_url(job.task_kwargs)}")
         print(f"{len(jobs)} dead-lettered batch(es)", file=sys.stderr)
         return 0
@@ -90,12 +88,6 @@ def _safe_url(task_kwargs: object) -> str:
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
-
-
-def _first_time(events: object) -> str:
-    if isinstance(events, list) and events and isinstance(events[0], dict):
-        return str(events[0].get("time", ""))
-    return ""
 
 
 def run_delivery_process(config: Config) -> int:

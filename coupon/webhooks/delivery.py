@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import httpx
+import pyqwest
 from protobuf.wkt import Timestamp
 
 from coupon import metrics
@@ -69,33 +69,44 @@ def encode_batch(events: Sequence[Event]) -> bytes:
 
 
 class Deliverer:
+    """One keep-alive client for every POST of this process.
+
+    pyqwest (reqwest under Python, already here as connectrpc's HTTP client) rather than httpx:
+    a 12 KB POST cost 1.2-1.6 ms of CPU with httpx and 0.27 ms with pyqwest (keep-alive,
+    loopback), and the POSTs run in the server processes next to the API.
+    """
+
     def __init__(self, timeout_s: float, *, unix_clock: Callable[[], float] = time.time) -> None:
         self._clock = unix_clock
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
-            headers={"User-Agent": "coupon-issuer-webhooks"},
+        self._transport = pyqwest.HTTPTransport(
+            timeout=timeout_s,  # the whole POST, connecting to last byte
+            connect_timeout=timeout_s,
             follow_redirects=False,
+            tls_include_system_certs=True,  # https endpoints are verified with the OS's CAs
+            enable_otel=False,
         )
+        self._client = pyqwest.Client(self._transport)
 
     async def post(self, endpoint: WebhookEndpoint, events: Sequence[Event]) -> None:
         """POST the batch once; any 2xx acknowledges all of it, anything else raises."""
         body = encode_batch(events)
         headers = {
             "Content-Type": "application/json",
+            "User-Agent": "coupon-issuer-webhooks",
             HEADER: signature_header(endpoint.secret, body, int(self._clock())),
         }
         try:
-            response = await self._client.post(endpoint.url, content=body, headers=headers)
-        except httpx.HTTPError as e:
+            response = await self._client.post(endpoint.url, headers, body)
+        except Exception as e:  # noqa: BLE001 - connect, timeout, protocol, read, write, URL
             metrics.WEBHOOK_POSTS_FAILED.inc()
             raise DeliveryFailed(f"no answer ({type(e).__name__})") from None
-        if not 200 <= response.status_code < 300:
+        if not 200 <= response.status < 300:
             metrics.WEBHOOK_POSTS_FAILED.inc()
-            raise DeliveryFailed(f"answered HTTP {response.status_code}")
+            raise DeliveryFailed(f"answered HTTP {response.status}")
         metrics.WEBHOOK_EVENTS_DELIVERED.inc(len(events))
         now = datetime.now(UTC)
         for event in events:
             metrics.WEBHOOK_DELIVERY_LAG.observe(max((now - event.time).total_seconds(), 0.0))
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()

@@ -1,11 +1,18 @@
 """PostgreSQL's outbox: events are procrastinate jobs, inserted in the change's transaction.
 
-One job per (transaction, endpoint) carries every event of that transaction the endpoint
+One job per (transaction, endpoint) names every event of that transaction the endpoint
 receives (a group issuance writes up to 256 codes; a job per event would cost a row and a
-NOTIFY each). procrastinate then gives each job its own retry schedule: a worker fetches it,
-our task POSTs it, an exception schedules the next attempt (Backoff), and after
-`webhooks.max_attempts` the job stays `failed`: that is the dead-letter state, which
-`coupon-server webhooks list-dead` lists and `coupon-server webhooks retry` queues again.
+NOTIFY each). The job holds only what cannot be read back later: which rows changed (a group's
+positions first_seq..last_seq in its campaign, or redemption history ids) and when. The
+delivering side reads code, user, order and brand from those committed rows (one query per
+job) and derives each event's id from its change, so a retry sends the same ids. Writing every
+event's fields as JSON in the issuing transaction took 26% of a loaded server's CPU (py-spy),
+more than the rest of that transaction.
+
+procrastinate then gives each job its own retry schedule: a worker fetches it, our task POSTs
+it, an exception schedules the next attempt (Backoff), and after `webhooks.max_attempts` the
+job stays `failed`: that is the dead-letter state, which `coupon-server webhooks list-dead`
+lists and `coupon-server webhooks retry` queues again.
 """
 
 from __future__ import annotations
@@ -13,16 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import weakref
 from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 from procrastinate import App, PsycopgConnector, RetryDecision
 from procrastinate.retry import BaseRetryStrategy
+from psycopg_pool import AsyncConnectionPool
 
 from coupon import metrics
+from coupon.store.cache import BoundedCache
 from coupon.store.postgres import connection_kwargs
 from coupon.webhooks.delivery import Backoff, Deliverer, DeliveryFailed, endpoints_for
-from coupon.webhooks.events import ISSUED, REDEEMED, REDEMPTION_CANCELLED, Event, new_event
+from coupon.webhooks.events import ISSUED, REDEEMED, REDEMPTION_CANCELLED, Event, event_id
 from coupon.webhooks.pg_schema import webhook_queries
 
 if TYPE_CHECKING:
@@ -40,6 +51,68 @@ log = logging.getLogger("coupon.webhooks")
 
 TASK_NAME = "coupon.deliver_events"
 QUEUE = "coupon_webhooks"
+BRAND_CACHE_ENTRIES = 10_000
+
+
+def batch_size(task_kwargs: dict[str, Any]) -> int:
+    """How many events a job carries, whichever of the job shapes it has."""
+    if isinstance(task_kwargs.get("events"), list):
+        return len(task_kwargs["events"])
+    if isinstance(task_kwargs.get("history_ids"), list):
+        return len(task_kwargs["history_ids"])
+    first, last = task_kwargs.get("first_seq"), task_kwargs.get("last_seq")
+    return last - first + 1 if isinstance(first, int) and isinstance(last, int) else 0
+
+
+def batch_time(task_kwargs: dict[str, Any]) -> str:
+    """When the job's change happened (its first event's time), as written."""
+    events = task_kwargs.get("events")
+    if isinstance(events, list) and events and isinstance(events[0], dict):
+        return str(events[0].get("time", ""))
+    return str(task_kwargs.get("at", ""))
+
+
+# A pooled connection unused for longer than this is checked (one round trip) before use.
+IDLE_CHECK_AFTER_S = 2.0
+
+
+class _IdleCheck:
+    """The pool's check, only for connections that sat idle.
+
+    procrastinate's own pool checks every connection it hands out; with one-statement
+    autocommit queries that doubled the round trips of each job's fetch, read and finish.
+    A connection just returned has just worked; one that sat idle may have been closed by
+    the server meanwhile, and is still checked. One broken under use fails that query: the
+    worker restarts (PgDeliveryWorker) or the job is retried, as for any database error.
+    """
+
+    def __init__(self) -> None:
+        self._returned: weakref.WeakKeyDictionary[AsyncConnection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def check(self, conn: AsyncConnection[Any]) -> None:
+        returned = self._returned.get(conn)
+        if returned is None or time.monotonic() - returned > IDLE_CHECK_AFTER_S:
+            await AsyncConnectionPool.check_connection(conn)
+
+    async def returned(self, conn: AsyncConnection[Any]) -> None:
+        self._returned[conn] = time.monotonic()
+
+
+async def _autocommit(conn: AsyncConnection[Any]) -> None:
+    # procrastinate's queries are single statements (its SQL functions), as is our read of
+    # a job's rows: autocommit spares the COMMIT round trip after each.
+    await conn.set_autocommit(True)
+
+
+def _outbox_pool(**kwargs: Any) -> AsyncConnectionPool[Any]:
+    """procrastinate's pool (its documented pool_factory), with autocommit connections and
+    the idle-only check."""
+    idle = _IdleCheck()
+    return AsyncConnectionPool(
+        **{**kwargs, "check": idle.check, "reset": idle.returned, "configure": _autocommit}
+    )
 
 
 class _RetryOnBackoff(BaseRetryStrategy):
@@ -49,7 +122,7 @@ class _RetryOnBackoff(BaseRetryStrategy):
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
         attempts_done = job.attempts + 1  # procrastinate counts attempts before this one
         if self._backoff.gives_up(attempts_done):
-            count = len(cast("list[Any]", job.task_kwargs.get("events") or []))
+            count = batch_size(job.task_kwargs)
             metrics.WEBHOOK_EVENTS_DEAD.inc(count)
             log.error("webhook job %s (%d events) dead-lettered: %s", job.id, count, exception)
             return None
@@ -69,15 +142,19 @@ class PgOutbox:
         # The store's session settings (timeouts, keepalives, no prepared statements for
         # PgBouncer); procrastinate sets autocommit itself where it needs it.
         kwargs = {k: v for k, v in connection_kwargs(database).items() if k != "autocommit"}
-        self.app = App(
-            connector=PsycopgConnector(
-                conninfo=database.dsn,
-                min_size=1,
-                max_size=config.concurrency + 2,  # + the LISTEN and fetch connections
-                kwargs={**kwargs, "application_name": "coupon-webhooks"},
-                name="coupon-webhooks",
-            )
+        # Also the connections on which deliveries read their events.
+        self._connector = PsycopgConnector(
+            conninfo=database.dsn,
+            min_size=1,
+            max_size=config.concurrency + 2,  # + the LISTEN and fetch connections
+            kwargs={**kwargs, "application_name": "coupon-webhooks"},
+            name="coupon-webhooks",
+            pool_factory=_outbox_pool,
         )
+        self.app = App(connector=self._connector)
+        # Brand-scoped endpoints need each event's brand when it is written.
+        self._by_brand = any(e.brand for e in config.endpoints)
+        self._brands: BoundedCache[uuid.UUID, str] = BoundedCache(BRAND_CACHE_ENTRIES)
         backoff = Backoff(config.retry_initial_s, config.retry_max_s, config.max_attempts)
         self._task = self.app.task(name=TASK_NAME, queue=QUEUE, retry=_RetryOnBackoff(backoff))(
             self._deliver
@@ -86,38 +163,24 @@ class PgOutbox:
 
     # Writing (inside the change's transaction) ------------------------------------------
 
-    async def record(self, conn: AsyncConnection[Any], events: Sequence[Event]) -> None:
-        jobs: list[dict[str, JSONValue]] = []
-        for endpoint in self.config.endpoints:
-            wanted = [e.to_payload() for e in events if endpoints_for([endpoint], e.brand)]
-            if wanted:
-                jobs.append({"endpoint": endpoint.url, "events": cast("list[JSONValue]", wanted)})
-        if jobs:
-            await self._task.configure(connection=conn).batch_defer_async(*jobs)
-
     async def issued(
         self,
         conn: AsyncConnection[Any],
         campaign_id: uuid.UUID,
-        coupons: Sequence[tuple[str, str | None]],
+        first_seq: int,
+        last_seq: int,
         at: datetime,
     ) -> None:
-        """coupon.issued for each (code, user) just stored, in the issuing transaction."""
-        brand = await self._brand(conn, campaign_id)
-        await self.record(
-            conn,
-            [
-                new_event(
-                    ISSUED,
-                    time=at,
-                    campaign_id=str(campaign_id),
-                    brand=brand,
-                    code=code,
-                    user_id=user_id,
-                )
-                for code, user_id in coupons
-            ],
-        )
+        """coupon.issued for the group's codes (positions first_seq..last_seq), in the issuing
+        transaction. The job names them; delivery reads the rest from the committed rows."""
+        brand = await self._brand(conn, campaign_id) if self._by_brand else ""
+        batch: dict[str, JSONValue] = {
+            "campaign_id": str(campaign_id),
+            "first_seq": first_seq,
+            "last_seq": last_seq,
+            "at": at.isoformat(),
+        }
+        await self._defer(conn, brand, batch)
 
     async def history_written(self, conn: AsyncConnection[Any], code: str, order_id: str) -> int:
         """coupon.redeemed / coupon.redemption_cancelled for the history rows this transaction
@@ -125,35 +188,102 @@ class PgOutbox:
         cursor = await conn.execute(
             self._sql["history_written_now"], {"code": code, "order_id": order_id}
         )
-        events = [
-            new_event(
-                REDEEMED if action == "redeem" else REDEMPTION_CANCELLED,
-                time=at,
-                campaign_id=str(campaign_id),
-                brand=brand or "",
-                code=code,
-                user_id=user_id,
-                order_id=order_id,
-            )
-            for action, at, campaign_id, user_id, brand in await cursor.fetchall()
-        ]
-        await self.record(conn, events)
-        return len(events)
+        rows = await cursor.fetchall()
+        if rows:
+            history_ids: list[JSONValue] = [history_id for history_id, _, _ in rows]
+            _, at, brand = rows[0]
+            batch = {"history_ids": history_ids, "at": at.isoformat()}
+            await self._defer(conn, brand or "", cast("dict[str, JSONValue]", batch))
+        return len(rows)
+
+    async def _defer(
+        self, conn: AsyncConnection[Any], brand: str, batch: dict[str, JSONValue]
+    ) -> None:
+        jobs = [{"endpoint": e.url, **batch} for e in endpoints_for(self.config.endpoints, brand)]
+        if jobs:
+            await self._task.configure(connection=conn).batch_defer_async(*jobs)
 
     async def _brand(self, conn: AsyncConnection[Any], campaign_id: uuid.UUID) -> str:
-        cursor = await conn.execute(self._sql["campaign_brand"], {"campaign_id": campaign_id})
-        row = await cursor.fetchone()
-        return "" if row is None or row[0] is None else str(row[0])
+        # A campaign's brand never changes: asked once per campaign, not per group.
+        brand = self._brands.get(campaign_id)
+        if brand is None:
+            cursor = await conn.execute(self._sql["campaign_brand"], {"campaign_id": campaign_id})
+            row = await cursor.fetchone()
+            brand = "" if row is None or row[0] is None else str(row[0])
+            self._brands.put(campaign_id, brand)
+        return brand
 
     # Delivering (procrastinate's worker calls the task) -------------------------------
 
-    async def _deliver(self, endpoint: str, events: list[dict[str, Any]]) -> None:
+    async def _deliver(
+        self,
+        endpoint: str,
+        *,
+        at: str = "",
+        campaign_id: str = "",
+        first_seq: int = 0,
+        last_seq: int = 0,
+        history_ids: list[int] | None = None,
+        events: list[dict[str, Any]] | None = None,
+    ) -> None:
+        del at  # for list-dead; every event's own time is in its row
         target = self._endpoints.get(endpoint)
         if target is None:
             raise DeliveryFailed("its endpoint is no longer in webhooks.endpoints")
+        if events is not None:  # a job written by an earlier build, which carried every field
+            batch = [Event.from_payload(p) for p in events]
+        elif history_ids is not None:
+            batch = await self._history_events(history_ids)
+        else:
+            batch = await self._issued_events(campaign_id, first_seq, last_seq)
         if self._deliverer is None:
             self._deliverer = Deliverer(self.config.timeout_s)
-        await self._deliverer.post(target, [Event.from_payload(p) for p in events])
+        await self._deliverer.post(target, batch)
+
+    async def _issued_events(self, campaign_id: str, first_seq: int, last_seq: int) -> list[Event]:
+        params = {"campaign_id": campaign_id, "first_seq": first_seq, "last_seq": last_seq}
+        async with self._connector.pool.connection() as conn:
+            cursor = await conn.execute(self._sql["issued_events"], params)
+            rows = await cursor.fetchall()
+        if len(rows) != last_seq - first_seq + 1:
+            # Cannot happen for a committed job (its codes committed with it); retried, then
+            # dead-lettered, rather than sent short.
+            raise DeliveryFailed(f"{len(rows)} of the batch's codes found")
+        return [
+            Event(
+                id=event_id(ISSUED, code),
+                type=ISSUED,
+                time=issued_at,
+                campaign_id=campaign_id,
+                brand=brand or "",
+                code=code,
+                user_id=user_id or "",
+            )
+            for code, user_id, issued_at, brand in rows
+        ]
+
+    async def _history_events(self, history_ids: list[int]) -> list[Event]:
+        async with self._connector.pool.connection() as conn:
+            cursor = await conn.execute(self._sql["history_events"], {"history_ids": history_ids})
+            rows = await cursor.fetchall()
+        if len(rows) != len(history_ids):
+            raise DeliveryFailed(f"{len(rows)} of the batch's history rows found")
+        events = []
+        for history_id, action, at, code, order_id, campaign_id, user_id, brand in rows:
+            event_type = REDEEMED if action == "redeem" else REDEMPTION_CANCELLED
+            events.append(
+                Event(
+                    id=event_id(event_type, str(history_id)),
+                    type=event_type,
+                    time=at,
+                    campaign_id=str(campaign_id),
+                    brand=brand or "",
+                    code=code,
+                    user_id=user_id or "",
+                    order_id=order_id,
+                )
+            )
+        return events
 
     async def requeue(self, conn: AsyncConnection[Any], job_kwargs: dict[str, Any]) -> None:
         await self._task.configure(connection=conn).defer_async(**job_kwargs)

@@ -11,11 +11,29 @@ SELECT brand FROM campaigns WHERE id = %(campaign_id)s;
 -- name: history_written_now
 -- The redemption history rows this transaction wrote for (code, order): their `at` is this
 -- transaction's now(); a repeated RedeemCoupon or CancelRedemption writes none.
-SELECT r.action, r.at, k.campaign_id, k.user_id, c.brand
+SELECT r.id, r.at, c.brand
 FROM redemptions r
 JOIN coupons k ON k.code = r.code
 JOIN campaigns c ON c.id = k.campaign_id
 WHERE r.code = %(code)s AND r.order_id = %(order_id)s AND r.at = now()
+ORDER BY r.id;
+
+-- name: issued_events
+-- What a delivery job of coupon.issued events names: one group's codes, positions
+-- first_seq..last_seq of the campaign (read by the coupons_campaign_seq_key index).
+SELECT k.code, k.user_id, k.issued_at, c.brand
+FROM coupons k
+JOIN campaigns c ON c.id = k.campaign_id
+WHERE k.campaign_id = %(campaign_id)s AND k.seq BETWEEN %(first_seq)s AND %(last_seq)s
+ORDER BY k.seq;
+
+-- name: history_events
+-- What a delivery job of redemption events names: history rows by id.
+SELECT r.id, r.action, r.at, r.code, r.order_id, k.campaign_id, k.user_id, c.brand
+FROM redemptions r
+JOIN coupons k ON k.code = r.code
+JOIN campaigns c ON c.id = k.campaign_id
+WHERE r.id = ANY(%(history_ids)s)
 ORDER BY r.id;
 
 -- name: take_dead_job
