@@ -11,9 +11,10 @@ Paths (--only picks among them), each on a server of its own, as scripts/bench.p
 - soldout:  IssueCoupon on a sold-out campaign, memory store, 1 worker, c=64
 - redeem:   RedeemCoupon, Postgres store, 2 workers, one fresh code per request, c=64
 
-For each it prints (and writes to --output) the share of samples by layer (the file of the
-innermost frame: our package, connectrpc, uvicorn, asyncio, psycopg, ...), the top frames by
-own samples, and our functions by inclusive samples. py-spy samples every thread that is not
+For each it prints (and writes to --output) the share of samples by layer (our package,
+connectrpc, uvicorn, asyncio, psycopg, ...: the innermost frame that belongs to one, so the
+standard library's frames count for whoever called them), the top frames by own samples, and
+our functions by inclusive samples. py-spy samples every thread that is not
 idle, so time in a system call (a socket write) counts as the frame that made it. It needs
 ptrace rights over the server (root, or kernel.yama.ptrace_scope 0).
 """
@@ -36,7 +37,8 @@ import bench
 
 PATHS = ("memory", "postgres", "soldout", "redeem")
 RATE_HZ = 200
-# The layer of a sample is that of its innermost frame whose file matches (first match wins).
+# A sample's layer: that of its innermost frame whose file matches one (stdlib frames match
+# none, so they count for their caller's layer); the first pattern that matches wins.
 LAYERS = (
     ("ours (coupon/)", re.compile(r"(^|/)coupon/")),
     ("connectrpc", re.compile(r"connectrpc/")),
@@ -106,7 +108,7 @@ def render(profile: Profile, top: int) -> str:
         return f"{100 * count / profile.samples:.1f}%"
 
     lines = [f"### {profile.title}", "", f"{profile.samples:,} samples at {RATE_HZ} Hz.", ""]
-    lines += ["| layer (innermost frame) | share |", "|---|---:|"]
+    lines += ["| layer (innermost frame of a known layer) | share |", "|---|---:|"]
     lines += [f"| {layer} | {share(n)} |" for layer, n in profile.layers.most_common()]
     lines += ["", "| top frames by own samples | share |", "|---|---:|"]
     lines += [f"| `{name}` | {share(n)} |" for name, n in profile.own.most_common(top)]
