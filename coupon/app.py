@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from typing import TYPE_CHECKING, cast
@@ -138,4 +139,15 @@ def _is_native_grpc(scope: Scope) -> bool:
 
 def app_from_environment() -> ASGIApp:
     """Factory for uvicorn worker processes, which re-read the config the parent named."""
-    return create_app(load_config(os.environ.get(CONFIG_PATH_ENV) or None))
+    app = create_app(load_config(os.environ.get(CONFIG_PATH_ENV) or None))
+    freeze_startup_objects()
+    return app
+
+
+def freeze_startup_objects() -> None:
+    """Exempt what a server process has built by now (modules, the app) from garbage
+    collection: it lives as long as the process, yet every full collection rescanned it, a
+    pause of about 20 ms each with the Postgres store and webhooks loaded, felt at the tail of
+    the latency. Only for server processes: a test building many apps would keep its garbage."""
+    gc.collect()  # start-up's own garbage first, so it is not frozen with the rest
+    gc.freeze()
