@@ -128,13 +128,19 @@ _NATIVE_GRPC_REFUSAL = PlainTextResponse(
 )
 
 
-def _is_native_grpc(scope: Scope) -> bool:
+def request_content_type(scope: Scope) -> bytes:
+    """The request's Content-Type as sent (b"" without one)."""
     for name, value in scope["headers"]:
         if name == b"content-type":
-            return value.startswith(b"application/grpc") and not value.startswith(
-                b"application/grpc-web"
-            )
-    return False
+            return bytes(value)
+    return b""
+
+
+def _is_native_grpc(scope: Scope) -> bool:
+    content_type = request_content_type(scope)
+    return content_type.startswith(b"application/grpc") and not content_type.startswith(
+        b"application/grpc-web"
+    )
 
 
 def app_from_environment() -> ASGIApp:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from coupon.app import request_content_type
+
 if TYPE_CHECKING:
     from collections.abc import Collection
 
@@ -69,10 +71,8 @@ def unary_paths(service: DescService) -> frozenset[str]:
 
 
 def _is_grpc(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            return bool(value.startswith(b"application/grpc"))
-    return False
+    """gRPC or gRPC-Web."""
+    return request_content_type(scope).startswith(b"application/grpc")
 
 
 class _ShieldedReceive:
