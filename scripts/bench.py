@@ -454,18 +454,14 @@ def measure_http(
         transactions_before = issuance_transactions(base_url)
         cpu_before = process_tree_cpu_s(server_pid) if server_pid else 0.0
         result = run_load(base_url, campaign_id, connections, args.duration, protocol, customers)
-        cpu_s = process_tree_cpu_s(server_pid) - cpu_before if server_pid else 0.0
+        cpu_s = process_tree_cpu_s(server_pid) - cpu_before if server_pid else None
         transactions = issuance_transactions(base_url) - transactions_before
-        seconds = result["duration_us"] / 1e6
-        socket_errors = sum(result[k] for k in ("connect", "read", "write", "timeout"))
         if campaign == "soldout":
             # Every answer should be a 429; count them all, and flag anything issued.
             good = result["requests"]
         else:
             good = result["requests"] - result["non2xx"]
-        note = ""
-        if socket_errors:
-            note = f"{socket_errors} socket errors"
+        note = socket_error_note(result)
         if campaign != "echo":
             _, page = rpc(
                 base_url, "GetCampaign", {"campaignId": campaign_id, "pageSize": 1}, args.token
@@ -485,16 +481,7 @@ def measure_http(
                 note += f" {transactions:.0f} issuance transactions during the storm"
             elif "pg" in row.key and transactions > 0:
                 note += f" {good / transactions:.1f} calls per transaction"
-        cpu_us = cpu_s * 1e6 / result["requests"] if server_pid and result["requests"] else None
-        sample = Sample(
-            good / seconds, result["p50_us"] / 1000, result["p99_us"] / 1000, note, cpu_us
-        )
-        row.samples.append(sample)
-        log(
-            f"  {row.label} run {run + 1}/{args.runs}: {sample.rate:,.0f}/s "
-            f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms "
-            f"cpu={cpu_us or 0:,.0f}µs/call {note}"
-        )
+        record_run(row, f"{run + 1}/{args.runs}", result, good, cpu_s, note)
 
 
 def measure_redeem(
@@ -523,32 +510,46 @@ def measure_redeem(
             script=REDEEM_LUA, script_args=(str(codes_file), str(wrk_threads(connections))),
         )  # fmt: skip
         cpu_s = process_tree_cpu_s(server_pid) - cpu_before
-        seconds = result["duration_us"] / 1e6
         _, page = rpc(
             base_url, "GetCampaign", {"campaignId": campaign_id, "pageSize": 1}, args.token
         )
         redeemed = int(page.get("redeemedCount", 0))
         acknowledged = result["requests"] - result["non2xx"]
-        note = ""
-        socket_errors = sum(result[k] for k in ("connect", "read", "write", "timeout"))
-        if socket_errors:
-            note = f"{socket_errors} socket errors"
+        note = socket_error_note(result)
         if result["requests"] > len(codes):
             note += f" codes ran out: {result['requests']} requests for {len(codes)} codes!"
         # wrk stops counting at the deadline with up to `connections` calls still in flight,
         # which the server completes: those are redeemed without being acknowledged here.
         if not acknowledged <= redeemed <= acknowledged + connections:
             note += f" {acknowledged} acknowledged but {redeemed} redeemed!"
-        cpu_us = cpu_s * 1e6 / result["requests"] if result["requests"] else None
-        sample = Sample(
-            acknowledged / seconds, result["p50_us"] / 1000, result["p99_us"] / 1000, note, cpu_us
-        )
-        row.samples.append(sample)
-        log(
-            f"  {row.label} run {run + 1}/{args.runs}: {sample.rate:,.0f}/s "
-            f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms "
-            f"cpu={cpu_us or 0:,.0f}µs/call {note}"
-        )
+        record_run(row, f"{run + 1}/{args.runs}", result, acknowledged, cpu_s, note)
+
+
+def socket_error_note(result: dict[str, Any]) -> str:
+    socket_errors = sum(result[k] for k in ("connect", "read", "write", "timeout"))
+    return f"{socket_errors} socket errors" if socket_errors else ""
+
+
+def record_run(
+    row: Row, which: str, result: dict[str, Any], answered: int, cpu_s: float | None, note: str
+) -> None:
+    """One load run's sample: `answered` calls per second of the run, its latency, and the
+    server's CPU time per call (`cpu_s` None: not measured); logged as run `which`."""
+    requests = result["requests"]
+    cpu_us = cpu_s * 1e6 / requests if cpu_s is not None and requests else None
+    sample = Sample(
+        answered / (result["duration_us"] / 1e6),
+        result["p50_us"] / 1000,
+        result["p99_us"] / 1000,
+        note,
+        cpu_us,
+    )
+    row.samples.append(sample)
+    log(
+        f"  {row.label} run {which}: {sample.rate:,.0f}/s "
+        f"p50={sample.p50_ms:.1f}ms p99={sample.p99_ms:.1f}ms "
+        f"cpu={cpu_us or 0:,.0f}µs/call {note}"
+    )
 
 
 def seed_codes(base_url: str, campaign_id: str, count: int) -> list[str]:
