@@ -19,6 +19,13 @@ SERVICE = "/coupon.CouponService"
 JSON = {"Content-Type": "application/json"}
 
 
+def pooled_client(base_url: str, connections: int) -> httpx.AsyncClient:
+    """A JSON client for storms: up to `connections` connections, all kept alive between
+    calls, and a timeout far past any call's own bound (a hang fails the test, slowly)."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60, headers=JSON)
+
+
 def give_up_after(deadline: float, what: str) -> None:
     """End a polling loop that has waited past its bound (a hang guard, not a speed check)."""
     if time.monotonic() >= deadline:

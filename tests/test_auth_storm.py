@@ -7,12 +7,11 @@ import asyncio
 import itertools
 from typing import TYPE_CHECKING
 
-import httpx
 import psycopg
 
 from tests.auth_support import AUDIENCE, ISSUER, KEYS, bearer, rsa_pair, sha256_hex
 from tests.server_process import ServerProcess
-from tests.support import JSON, SERVICE
+from tests.support import SERVICE, pooled_client
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -43,10 +42,7 @@ async def test_jwt_storm_gives_each_code_to_one_customer(tmp_path: Path, pg_dsn:
     callers = list(itertools.islice(itertools.cycle(users), CALLS))
     with ServerProcess(tmp_path, pg_dsn, workers=WORKERS, auth=auth) as server:
         server.wait_for("/readyz", 200)
-        limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
-        async with httpx.AsyncClient(
-            base_url=server.base_url, limits=limits, timeout=60, headers=JSON
-        ) as http:
+        async with pooled_client(server.base_url, CONNECTIONS) as http:
             created = await http.post(
                 f"{SERVICE}/CreateCampaign",
                 json={"name": "jwt storm", "total": TOTAL},

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-import httpx
 import psycopg
 
 from tests.server_process import ServerProcess
-from tests.support import JSON, SERVICE
+from tests.support import SERVICE, pooled_client
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -23,10 +22,7 @@ WORKERS = 4
 async def test_storm_on_four_workers_issues_exactly_total(tmp_path: Path, pg_dsn: str):
     with ServerProcess(tmp_path, pg_dsn, workers=WORKERS) as server:
         server.wait_for("/readyz", 200)
-        limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
-        async with httpx.AsyncClient(
-            base_url=server.base_url, limits=limits, timeout=60, headers=JSON
-        ) as http:
+        async with pooled_client(server.base_url, CONNECTIONS) as http:
             created = await http.post(
                 f"{SERVICE}/CreateCampaign", json={"name": "storm", "total": TOTAL}
             )

@@ -12,15 +12,16 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import psycopg
 
 from tests.server_process import ServerProcess
-from tests.support import JSON, SERVICE
+from tests.support import SERVICE, pooled_client
 from tests.test_lifecycle_contract import reason
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    import httpx
 
 WORKERS = 4
 CONNECTIONS = 200
@@ -74,10 +75,7 @@ async def redemption_audit(dsn: str) -> list[tuple[Any, ...]]:
 async def serving(tmp_path: Path, dsn: str, workers: int = WORKERS) -> AsyncIterator[Client]:
     with ServerProcess(tmp_path, dsn, workers=workers) as server:
         server.wait_for("/readyz", 200)
-        limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
-        async with httpx.AsyncClient(
-            base_url=server.base_url, limits=limits, timeout=60, headers=JSON
-        ) as http:
+        async with pooled_client(server.base_url, CONNECTIONS) as http:
             yield Client(http)
 
 

@@ -20,7 +20,7 @@ import httpx
 import psycopg
 
 from tests.server_process import ServerProcess
-from tests.support import JSON, SERVICE, give_up_after
+from tests.support import JSON, SERVICE, give_up_after, pooled_client
 from tests.webhook_receiver import Receiver
 
 if TYPE_CHECKING:
@@ -121,10 +121,7 @@ async def test_every_committed_change_arrives_through_failures_and_an_outage(
         ServerProcess(tmp_path, pg_dsn, workers=2, extra=hooks_config(receiver)) as server,
     ):
         server.wait_for("/readyz", 200)
-        limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
-        async with httpx.AsyncClient(
-            base_url=server.base_url, limits=limits, timeout=60, headers=JSON
-        ) as http:
+        async with pooled_client(server.base_url, CONNECTIONS) as http:
             # At most CONNECTIONS calls wait at once: httpx's pool slows down quadratically
             # with thousands of queued requests.
             slots = asyncio.Semaphore(CONNECTIONS)
