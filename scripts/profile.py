@@ -10,6 +10,8 @@ Paths (--only picks among them), each on a server of its own, as scripts/bench.p
 - postgres: IssueCoupon, Postgres store, 2 workers, c=128
 - soldout:  IssueCoupon on a sold-out campaign, memory store, 1 worker, c=64
 - redeem:   RedeemCoupon, Postgres store, 2 workers, one fresh code per request, c=64
+- webhooks: IssueCoupon, Postgres store, 1 worker, webhooks on (delivered in the server to
+            scripts/webhook_receiver.py), c=64
 
 For each it prints (and writes to --output) the share of samples by layer (our package,
 connectrpc, uvicorn, asyncio, psycopg, ...: the innermost frame that belongs to one, so the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 import shutil
 import subprocess
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench
 
-PATHS = ("memory", "postgres", "soldout", "redeem")
+PATHS = ("memory", "postgres", "soldout", "redeem", "webhooks")
 RATE_HZ = 200
 # A sample's layer: that of its innermost frame whose file matches one (stdlib frames match
 # none, so they count for their caller's layer); the first pattern that matches wins.
@@ -131,15 +134,24 @@ def profile_path(
         "postgres": ("postgres", 2, 128, "IssueCoupon, Postgres store, 2 workers, c=128"),
         "soldout": ("memory", 1, 64, "Sold-out storm, memory store, 1 worker, c=64"),
         "redeem": ("postgres", 2, 64, "RedeemCoupon, Postgres store, 2 workers, c=64"),
+        "webhooks": ("postgres", 1, 64, "IssueCoupon, Postgres store, 1 worker, webhooks, c=64"),
     }[name]
     if store == "postgres" and pg is None:
         raise bench.BenchError("no PostgreSQL (see --dsn)")
     port = bench.free_port()
     base_url = f"http://127.0.0.1:{port}"
     dsn = pg.dsn if pg is not None else ""
-    command = bench.coupon_server_command(workdir, store, workers, port, dsn, args.token)
+    hook_url = ""
+    receiver: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if name == "webhooks":
+        receiver_port = bench.free_port()
+        hook_url = f"http://127.0.0.1:{receiver_port}/hooks"
+        receiver = bench.webhook_receiver(receiver_port, workdir)
+    command = bench.coupon_server_command(
+        workdir, store, workers, port, dsn, args.token, webhook_url=hook_url
+    )
     raw = workdir / f"{name}.txt"
-    with bench.server_process(command, base_url, workdir / f"{name}.log") as server:
+    with receiver, bench.server_process(command, base_url, workdir / f"{name}.log") as server:
         bench.warm_up(base_url, args, needs_campaign=True)
         total = {"soldout": 1, "redeem": bench.REDEEM_CODES_PER_S * args.duration}.get(
             name, bench.LARGE_CAMPAIGN
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         pg = None
         try:
-            if {"postgres", "redeem"} & set(args.only):
+            if {"postgres", "redeem", "webhooks"} & set(args.only):
                 pg = bench.provision_postgres(args, workdir)
             for name in args.only:
                 bench.log(f"profiling {name} for {args.duration}s")

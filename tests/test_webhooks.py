@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import httpx
 import pytest
+from protobuf.wkt import Timestamp
 
 from coupon.app import create_app
 from coupon.config import Config, ConfigError, WebhookEndpoint, WebhooksConfig, load_config
@@ -25,6 +26,7 @@ from coupon.webhooks.events import (
     ISSUED,
     REDEEMED,
     REDEMPTION_CANCELLED,
+    Event,
     event_id,
     new_event,
 )
@@ -188,6 +190,38 @@ def test_events_travel_as_proto3_json_of_an_event_batch():
         (event.id, "coupon.issued", "acme", "가나다라마0123", "user-42", "")
     ]
     assert decoded.events[0].time.to_datetime() == event.time
+
+
+KST = timezone(timedelta(hours=9))
+NOW = datetime(2026, 11, 22, 5, 36, 32, 390769, tzinfo=UTC)
+SAMPLE_EVENTS = [
+    Event("id-1", ISSUED, NOW, "c-1", "", "가나다"),
+    Event("id-2", ISSUED, NOW.replace(microsecond=0), "c-1", "acme", "k", "u"),
+    Event("id-3", REDEEMED, NOW.replace(microsecond=123000), "c", "b", "k", "", "o"),
+    Event("id-4", REDEMPTION_CANCELLED, datetime(2026, 1, 1, 9, 0, 0, 5, tzinfo=KST), "c", "", "k"),
+    Event("id-5", ISSUED, datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), "c", "", "k",
+          'quote " backslash \\ tab \t nl \n nul \x00 < > & \u2028 é 😀', "o/ü"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("events", [SAMPLE_EVENTS, SAMPLE_EVENTS[:1]])  # never empty
+def test_the_batch_body_is_exactly_what_the_message_classes_write(events: list[Event]):
+    by_messages = coupon_pb.EventBatch(
+        events=[
+            coupon_pb.Event(
+                id=e.id,
+                type=e.type,
+                time=Timestamp.from_datetime(e.time),
+                campaign_id=e.campaign_id,
+                brand=e.brand,
+                code=e.code,
+                user_id=e.user_id,
+                order_id=e.order_id,
+            )
+            for e in events
+        ]
+    )
+    assert encode_batch(events) == by_messages.to_json().encode()
 
 
 @pytest.mark.parametrize("change", ["가나다라마0123", "ABCDEFGH", "", "17", "é/ü"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -9,10 +10,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import pyqwest
-from protobuf.wkt import Timestamp
 
 from coupon import metrics
-from coupon.gen import coupon_pb
 from coupon.webhooks.signing import HEADER, signature_header
 
 if TYPE_CHECKING:
@@ -49,23 +48,42 @@ def endpoints_for(endpoints: Sequence[WebhookEndpoint], brand: str) -> list[Webh
 
 
 def encode_batch(events: Sequence[Event]) -> bytes:
-    """The POST body: proto3 JSON of coupon.EventBatch."""
-    batch = coupon_pb.EventBatch(
-        events=[
-            coupon_pb.Event(
-                id=e.id,
-                type=e.type,
-                time=Timestamp.from_datetime(e.time),
-                campaign_id=e.campaign_id,
-                brand=e.brand,
-                code=e.code,
-                user_id=e.user_id,
-                order_id=e.order_id,
-            )
-            for e in events
-        ]
-    )
-    return batch.to_json().encode()
+    """The POST body: proto3 JSON of coupon.EventBatch, byte for byte what
+    `coupon_pb.EventBatch(...).to_json()` writes (a test holds them equal).
+
+    Spelt out rather than built through the message classes: that took 5-6 µs per event,
+    a share of a loaded server's CPU that webhooks are measured by; this takes about 2.5.
+    """
+    times: dict[datetime, str] = {}  # a batch's events mostly share one instant
+    payloads = []
+    for event in events:
+        time_text = times.get(event.time)
+        if time_text is None:
+            time_text = times[event.time] = _timestamp_json(event.time)
+        # proto3 JSON leaves out empty strings; the other fields are never empty.
+        payload = {"id": event.id, "type": event.type, "time": time_text}
+        if event.campaign_id:
+            payload["campaignId"] = event.campaign_id
+        if event.brand:
+            payload["brand"] = event.brand
+        if event.code:
+            payload["code"] = event.code
+        if event.user_id:
+            payload["userId"] = event.user_id
+        if event.order_id:
+            payload["orderId"] = event.order_id
+        payloads.append(payload)
+    return json.dumps({"events": payloads}, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _timestamp_json(instant: datetime) -> str:
+    """google.protobuf.Timestamp in JSON: UTC, `Z`, and 0, 3 or 6 fractional digits (a
+    datetime holds no nanoseconds), as few as hold the value."""
+    utc = instant.astimezone(UTC).replace(tzinfo=None)
+    text = utc.isoformat()  # no fraction when microsecond is 0, else six digits
+    if utc.microsecond % 1000 == 0 and utc.microsecond:
+        text = text[:-3]
+    return text + "Z"
 
 
 class Deliverer:
