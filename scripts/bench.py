@@ -13,7 +13,9 @@ scripts/wrk/issue.lua, and ends it by its PID. Configurations (--only picks amon
 - soldout:  sold-out storm: a campaign of 1, sold, then loaded (memory; Postgres if available)
 - postgres: Postgres store with 1 and 2 workers, a campaign too large to sell out
 - webhooks: Postgres store, 1 worker, webhooks on (a local scripts/webhook_receiver.py),
-            next to the same server with them off (P1 on vs off, in the same run)
+            next to the same server with them off (P1 on vs off): both servers up at once,
+            their runs taking turns; each run with webhooks is followed by a wait until every
+            event is delivered (its length in the run's note)
 - pgbench:  one conditional increment + insert per transaction, 64 clients (baseline for
             the Postgres rows)
 - redeem:   RedeemCoupon on Postgres, 2 workers: codes issued beforehand (not measured), each
@@ -56,7 +58,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -568,12 +570,17 @@ def seed_codes(base_url: str, campaign_id: str, count: int) -> list[str]:
 def issuance_transactions(base_url: str) -> float:
     """Issuance transactions the server has run (Postgres: its group-size histogram's count);
     -1 where the store runs none (memory) or /metrics cannot be read."""
+    return metric_value(base_url, "coupon_issue_group_size_count")
+
+
+def metric_value(base_url: str, name: str) -> float:
+    """One unlabelled series from the server's /metrics; -1 if absent or unreadable."""
     try:
         with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
             text = response.read().decode()
     except (urllib.error.URLError, OSError):
         return -1
-    match = re.search(r"^coupon_issue_group_size_count (\S+)$", text, re.MULTILINE)
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else -1
 
 
@@ -729,21 +736,22 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
         if "memory" in only:
             add(f"memory@{c}", f"memory, 1 worker, c={c}", "issued/s", f"echo@{c}",
                 kind="coupon", store="memory", workers=1, conns=c, campaign="large")  # fmt: skip
+    # With webhooks, P1 (1 worker) is measured as the "off" half of the on/off pair.
+    paired = "webhooks" in only
     for workers in (1, 2):
         for c in POSTGRES_CONNECTIONS:
-            if "postgres" in only:
+            if "postgres" in only and not (paired and workers == 1):
                 add(f"pg{workers}@{c}", f"postgres, {workers} worker(s), c={c}", "issued/s",
                     "pgbench", kind="coupon", store="postgres", workers=workers, conns=c,
                     campaign="large")  # fmt: skip
     for c in POSTGRES_CONNECTIONS:
-        if "webhooks" in only:
-            if "postgres" not in only:  # the "off" row of the pair
-                add(f"pg1@{c}", f"postgres, 1 worker(s), c={c}", "issued/s", "pgbench",
-                    kind="coupon", store="postgres", workers=1, conns=c,
-                    campaign="large")  # fmt: skip
+        if paired:
+            add(f"pg1@{c}", f"postgres, 1 worker(s), c={c}", "issued/s", "pgbench",
+                kind="coupon", store="postgres", workers=1, conns=c, campaign="large",
+                pair=True)  # fmt: skip
             add(f"pg1-webhooks@{c}", f"postgres, 1 worker, webhooks on, c={c}", "issued/s",
                 f"pg1@{c}", kind="coupon", store="postgres", workers=1, conns=c,
-                campaign="large", webhooks=True)  # fmt: skip
+                campaign="large", webhooks=True, pair=True)  # fmt: skip
     for c in CONNECTIONS:
         if "soldout" in only:
             add(f"soldout-memory@{c}", f"sold-out storm, memory, c={c}", "sold-out answers/s",
@@ -780,6 +788,59 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
     return rows
 
 
+def measure_webhooks_pair(
+    members: list[tuple[Row, dict[str, Any]]], args: argparse.Namespace, workdir: Path, dsn: str
+) -> None:
+    """P1 with webhooks off and on: two servers up side by side (one database, the receiver),
+    their runs taking turns (off then on, at each concurrency, run after run), so a drift in the
+    machine's speed during the bench favours neither. After each run with webhooks the next run
+    waits until every event written has been delivered, so no run pays for another's backlog;
+    that wait is in the run's note."""
+    off_port, on_port, receiver_port = free_port(), free_port(), free_port()
+    off_url, on_url = f"http://127.0.0.1:{off_port}", f"http://127.0.0.1:{on_port}"
+    hook_url = f"http://127.0.0.1:{receiver_port}/hooks"
+    off_command = coupon_server_command(workdir, "postgres", 1, off_port, dsn, args.token)
+    on_command = coupon_server_command(
+        workdir, "postgres", 1, on_port, dsn, args.token, webhook_url=hook_url
+    )
+    log(f"starting the webhooks pair: {shlex.join(off_command)}; {shlex.join(on_command)}")
+    with (
+        webhook_receiver(receiver_port, workdir),
+        server_process(off_command, off_url, workdir / "pair-off.log") as off,
+        server_process(on_command, on_url, workdir / "pair-on.log") as on,
+    ):
+        warm_up(off_url, args, needs_campaign=True)
+        warm_up(on_url, args, needs_campaign=True)
+        wait_for_deliveries(on_url)
+        for run in range(args.runs):
+            for row, how in members:
+                webhooks = bool(how.get("webhooks"))
+                log(f"{row.label}:")
+                measure_http(
+                    on_url if webhooks else off_url, row, how["conns"], args, "large",
+                    server_pid=(on if webhooks else off).pid, runs=range(run, run + 1),
+                )  # fmt: skip
+                if webhooks:
+                    waited_s = wait_for_deliveries(on_url)
+                    last = row.samples[-1]
+                    row.samples[-1] = replace(
+                        last, note=f"{last.note}; all delivered {waited_s:.1f}s after the run"
+                    )
+
+
+def wait_for_deliveries(base_url: str, timeout_s: float = 300.0) -> float:
+    """Poll /metrics until every webhook event written is delivered; the seconds it took."""
+    start = time.monotonic()
+    while True:
+        written = metric_value(base_url, "coupon_webhook_events_written_total")
+        delivered = metric_value(base_url, "coupon_webhook_events_delivered_total")
+        if written >= 0 and delivered >= written:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            raise BenchError(f"webhooks: {delivered:.0f} of {written:.0f} events delivered")
+        time.sleep(0.1)  # polling interval
+
+
 def run_schedule(
     members: list[tuple[Row, dict[str, Any]]], runs: int
 ) -> list[tuple[Row, dict[str, Any], range]]:
@@ -812,6 +873,8 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
             group = (how["kind"], how.get("store"), how.get("workers"), how.get("campaign"),
                      how.get("algorithm"), how.get("webhooks", False),
                      how.get("engine"))  # fmt: skip
+            if how.get("pair"):
+                group = ("pair", None, None, None, None, True, None)
             groups.setdefault(group, []).append((row, how))
         for (
             kind,
@@ -833,9 +896,16 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                 except BenchError as e:
                     row.not_measured = str(e)
                 continue
-            if store == "postgres" and store_problem:
+            if (store == "postgres" or kind == "pair") and store_problem:
                 for row, _ in members:
                     row.not_measured = f"Postgres store not available: {store_problem}"
+                continue
+            if kind == "pair" and pg is not None:
+                try:
+                    measure_webhooks_pair(members, args, workdir, pg.dsn)
+                except BenchError as e:
+                    for row, _ in members:
+                        row.not_measured = row.not_measured or str(e)
                 continue
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"
