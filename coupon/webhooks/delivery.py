@@ -51,8 +51,8 @@ def encode_batch(events: Sequence[Event]) -> bytes:
     """The POST body: proto3 JSON of coupon.EventBatch, byte for byte what
     `coupon_pb.EventBatch(...).to_json()` writes (a test holds them equal).
 
-    Spelt out rather than built through the message classes: that took 5-6 µs per event,
-    a share of a loaded server's CPU that webhooks are measured by; this takes about 2.5.
+    Spelt out rather than built through the message classes, which took twice the CPU
+    (about 6 µs per event against 3, in batches of 64) on the server that delivers.
     """
     times: dict[datetime, str] = {}  # a batch's events mostly share one instant
     payloads = []
