@@ -15,7 +15,8 @@ scripts/wrk/issue.lua, and ends it by its PID. Configurations (--only picks amon
 - webhooks: Postgres store, 1 worker, webhooks on (a local scripts/webhook_receiver.py),
             next to the same server with them off (P1 on vs off): both servers up at once,
             their runs taking turns; each run with webhooks is followed by a wait until every
-            event is delivered (its length in the run's note)
+            event is delivered (its length in the run's note). Then the same pair again with
+            the events delivered by a `coupon-server --role webhooks` process (its CPU counted)
 - pgbench:  one conditional increment + insert per transaction, 64 clients (baseline for
             the Postgres rows)
 - redeem:   RedeemCoupon on Postgres, 2 workers: codes issued beforehand (not measured), each
@@ -228,6 +229,8 @@ def coupon_server_command(
     customers: Customers | None = None,
     webhook_url: str = "",
     engine: str = "uvicorn",
+    *,
+    deliver_in_server: bool = True,
 ) -> list[str]:
     auth: dict[str, Any] = {"admin_token": token}
     if customers is not None:
@@ -240,9 +243,13 @@ def coupon_server_command(
     if store == "postgres":
         config["database"] = {"dsn": dsn}
     if webhook_url:
-        config["webhooks"] = {"endpoints": [{"url": webhook_url, "secret": WEBHOOK_SECRET}]}
+        config["webhooks"] = {
+            "endpoints": [{"url": webhook_url, "secret": WEBHOOK_SECRET}],
+            "deliver_in_server": deliver_in_server,
+        }
     suffix = f"-{customers.algorithm}" if customers else ""
     suffix += "-webhooks" if webhook_url else ""
+    suffix += "" if deliver_in_server else "-process"
     path = workdir / f"config-{store}-{workers}{suffix}-{engine}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return [sys.executable, "-m", "coupon.server", "--config", str(path)]
@@ -436,7 +443,10 @@ def measure_http(
     server_pid: int | None = None,
     protocol: str = "json",
     runs: range | None = None,
+    also_pids: tuple[int, ...] = (),
 ) -> None:
+    """`also_pids`: processes beside the server whose CPU counts in its rows."""
+    pids = (server_pid, *also_pids) if server_pid else ()
     for run in runs if runs is not None else range(args.runs):
         campaign_id = "echo-campaign"
         if campaign != "echo":
@@ -454,9 +464,9 @@ def measure_http(
                 # The first refusal is how a process learns the campaign is sold out.
                 rpc(base_url, "IssueCoupon", {"campaignId": campaign_id}, "")
         transactions_before = issuance_transactions(base_url)
-        cpu_before = process_tree_cpu_s(server_pid) if server_pid else 0.0
+        cpu_before = sum(process_tree_cpu_s(pid) for pid in pids)
         result = run_load(base_url, campaign_id, connections, args.duration, protocol, customers)
-        cpu_s = process_tree_cpu_s(server_pid) - cpu_before if server_pid else None
+        cpu_s = sum(process_tree_cpu_s(pid) for pid in pids) - cpu_before if pids else None
         transactions = issuance_transactions(base_url) - transactions_before
         if campaign == "soldout":
             # Every answer should be a 429; count them all, and flag anything issued.
@@ -748,10 +758,20 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
         if paired:
             add(f"pg1@{c}", f"postgres, 1 worker(s), c={c}", "issued/s", "pgbench",
                 kind="coupon", store="postgres", workers=1, conns=c, campaign="large",
-                pair=True)  # fmt: skip
+                pair="in-server")  # fmt: skip
             add(f"pg1-webhooks@{c}", f"postgres, 1 worker, webhooks on, c={c}", "issued/s",
                 f"pg1@{c}", kind="coupon", store="postgres", workers=1, conns=c,
-                campaign="large", webhooks=True, pair=True)  # fmt: skip
+                campaign="large", webhooks=True, pair="in-server")  # fmt: skip
+    for c in POSTGRES_CONNECTIONS:
+        if paired:
+            # The same pair, the events delivered by a `--role webhooks` process instead.
+            add(f"pg1-off@{c}", f"postgres, 1 worker(s), c={c}, next to the row below",
+                "issued/s", "pgbench", kind="coupon", store="postgres", workers=1, conns=c,
+                campaign="large", pair="process")  # fmt: skip
+            add(f"pg1-webhooks-process@{c}",
+                f"postgres, 1 worker, webhooks on, delivered by --role webhooks, c={c}",
+                "issued/s", f"pg1-off@{c}", kind="coupon", store="postgres", workers=1,
+                conns=c, campaign="large", webhooks=True, pair="process")  # fmt: skip
     for c in CONNECTIONS:
         if "soldout" in only:
             add(f"soldout-memory@{c}", f"sold-out storm, memory, c={c}", "sold-out answers/s",
@@ -789,29 +809,38 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
 
 
 def measure_webhooks_pair(
-    members: list[tuple[Row, dict[str, Any]]], args: argparse.Namespace, workdir: Path, dsn: str
+    members: list[tuple[Row, dict[str, Any]]],
+    args: argparse.Namespace,
+    workdir: Path,
+    dsn: str,
+    *,
+    delivery_process: bool,
 ) -> None:
     """P1 with webhooks off and on: two servers up side by side (one database, the receiver),
     their runs taking turns (off then on, at each concurrency, run after run), so a drift in the
     machine's speed during the bench favours neither. After each run with webhooks the next run
     waits until every event written has been delivered, so no run pays for another's backlog;
-    that wait is in the run's note."""
+    that wait is in the run's note. With `delivery_process`, the server with webhooks leaves
+    delivery to a `coupon-server --role webhooks` process, whose CPU counts in its rows."""
     off_port, on_port, receiver_port = free_port(), free_port(), free_port()
     off_url, on_url = f"http://127.0.0.1:{off_port}", f"http://127.0.0.1:{on_port}"
     hook_url = f"http://127.0.0.1:{receiver_port}/hooks"
     off_command = coupon_server_command(workdir, "postgres", 1, off_port, dsn, args.token)
     on_command = coupon_server_command(
-        workdir, "postgres", 1, on_port, dsn, args.token, webhook_url=hook_url
-    )
+        workdir, "postgres", 1, on_port, dsn, args.token, webhook_url=hook_url,
+        deliver_in_server=not delivery_process,
+    )  # fmt: skip
+    delivery_command = [*on_command, "--role", "webhooks"] if delivery_process else []
     log(f"starting the webhooks pair: {shlex.join(off_command)}; {shlex.join(on_command)}")
     with (
         webhook_receiver(receiver_port, workdir),
         server_process(off_command, off_url, workdir / "pair-off.log") as off,
         server_process(on_command, on_url, workdir / "pair-on.log") as on,
+        background_process(delivery_command, workdir / "pair-delivery.log") as delivery,
     ):
         warm_up(off_url, args, needs_campaign=True)
         warm_up(on_url, args, needs_campaign=True)
-        wait_for_deliveries(on_url)
+        wait_for_deliveries(dsn)
         for run in range(args.runs):
             for row, how in members:
                 webhooks = bool(how.get("webhooks"))
@@ -819,26 +848,56 @@ def measure_webhooks_pair(
                 measure_http(
                     on_url if webhooks else off_url, row, how["conns"], args, "large",
                     server_pid=(on if webhooks else off).pid, runs=range(run, run + 1),
+                    also_pids=(delivery.pid,) if webhooks and delivery else (),
                 )  # fmt: skip
                 if webhooks:
-                    waited_s = wait_for_deliveries(on_url)
+                    waited_s = wait_for_deliveries(dsn)
                     last = row.samples[-1]
                     row.samples[-1] = replace(
                         last, note=f"{last.note}; all delivered {waited_s:.1f}s after the run"
                     )
 
 
-def wait_for_deliveries(base_url: str, timeout_s: float = 300.0) -> float:
-    """Poll /metrics until every webhook event written is delivered; the seconds it took."""
+@contextlib.contextmanager
+def background_process(
+    command: list[str], log_path: Path
+) -> Iterator[subprocess.Popen[bytes] | None]:
+    """Run `command` (nothing when empty) until the block ends; end it by its PID."""
+    if not command:
+        yield None
+        return
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def wait_for_deliveries(dsn: str, timeout_s: float = 300.0) -> float:
+    """Poll the outbox until no webhook job is waiting or running (a delivered job is deleted);
+    the seconds it took."""
+    import psycopg
+
     start = time.monotonic()
-    while True:
-        written = metric_value(base_url, "coupon_webhook_events_written_total")
-        delivered = metric_value(base_url, "coupon_webhook_events_delivered_total")
-        if written >= 0 and delivered >= written:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout_s:
-            raise BenchError(f"webhooks: {delivered:.0f} of {written:.0f} events delivered")
-        time.sleep(0.1)  # polling interval
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
+            ).fetchone()
+            pending = row[0] if row else 0
+            if pending == 0:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout_s:
+                raise BenchError(f"webhooks: {pending} jobs still undelivered")
+            time.sleep(0.1)  # polling interval
 
 
 def run_schedule(
@@ -874,7 +933,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                      how.get("algorithm"), how.get("webhooks", False),
                      how.get("engine"))  # fmt: skip
             if how.get("pair"):
-                group = ("pair", None, None, None, None, True, None)
+                group = ("pair", how["pair"], None, None, None, True, None)
             groups.setdefault(group, []).append((row, how))
         for (
             kind,
@@ -902,7 +961,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                 continue
             if kind == "pair" and pg is not None:
                 try:
-                    measure_webhooks_pair(members, args, workdir, pg.dsn)
+                    measure_webhooks_pair(
+                        members, args, workdir, pg.dsn, delivery_process=store == "process"
+                    )
                 except BenchError as e:
                     for row, _ in members:
                         row.not_measured = row.not_measured or str(e)

@@ -214,6 +214,25 @@ def test_bench_runs_the_redeem_row(tmp_path: Path, pg_dsn: str) -> None:
     assert "!" not in row  # a violation note: codes ran out, or counts that disagree
 
 
+def test_bench_runs_the_webhooks_pairs_and_waits_for_every_delivery(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    text = run_bench(tmp_path, "--only", "webhooks", "--dsn", pg_dsn, timeout_s=300)
+    rows = [line for line in text.splitlines() if line.startswith("| postgres, 1 worker")]
+    print("\n" + "\n".join(rows))
+    on = [row for row in rows if "webhooks on" in row]
+    # Per concurrency: in-server delivery and a --role webhooks process, each beside its own
+    # "off" server and measured against it, each run followed by every event's delivery.
+    assert len(rows) == 12, rows  # c=64, 128, 256
+    assert len(on) == 6, rows
+    assert sum("delivered by --role webhooks" in row for row in on) == 3, on
+    for row in on:
+        assert "x postgres" in row, row
+        assert "all delivered" in row, row
+    assert "not measured" not in text
+    assert not any("!" in row for row in rows), rows
+
+
 def test_bench_runs_the_jwt_rows(tmp_path: Path) -> None:
     text = run_bench(tmp_path, "--only", "jwt", "--jwt-customers", "50")
     for label in ("no-JWT customers (userId)", "RS256 customers", "ES256 customers"):
