@@ -173,28 +173,14 @@ def rpc(base_url: str, method: str, body: dict[str, Any], token: str) -> tuple[i
 
 
 @contextlib.contextmanager
-def server_process(
-    command: list[str], base_url: str, log_path: Path, timeout_s: float = 60.0
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a server; yield once /readyz answers 200; end it by its PID, whatever happens."""
+def background_process(command: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `command`, its output to `log_path`, until the block ends; end it by its PID,
+    whatever happens (SIGTERM, then SIGKILL if it has not exited after 30 s)."""
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if process.poll() is not None:
-                    raise BenchError(f"server exited with {process.returncode}: {tail(log_path)}")
-                try:
-                    with urllib.request.urlopen(base_url + "/readyz", timeout=1) as response:
-                        if response.status == 200:
-                            break
-                except (OSError, urllib.error.URLError):
-                    pass  # not listening yet
-                if time.monotonic() > deadline:
-                    raise BenchError(f"server not ready after {timeout_s}s: {tail(log_path)}")
-                time.sleep(0.05)  # polling interval, not a wait for readiness
             yield process
         finally:
             process.terminate()  # SIGTERM: uvicorn's graceful shutdown, workers included
@@ -203,6 +189,28 @@ def server_process(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def server_process(
+    command: list[str], base_url: str, log_path: Path, timeout_s: float = 60.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server; yield once /readyz answers 200; end it by its PID, whatever happens."""
+    with background_process(command, log_path) as process:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise BenchError(f"server exited with {process.returncode}: {tail(log_path)}")
+            try:
+                with urllib.request.urlopen(base_url + "/readyz", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise BenchError(f"server not ready after {timeout_s}s: {tail(log_path)}")
+            time.sleep(0.05)  # polling interval, not a wait for readiness
+        yield process
 
 
 @contextlib.contextmanager
@@ -580,17 +588,12 @@ def seed_codes(base_url: str, campaign_id: str, count: int) -> list[str]:
 def issuance_transactions(base_url: str) -> float:
     """Issuance transactions the server has run (Postgres: its group-size histogram's count);
     -1 where the store runs none (memory) or /metrics cannot be read."""
-    return metric_value(base_url, "coupon_issue_group_size_count")
-
-
-def metric_value(base_url: str, name: str) -> float:
-    """One unlabelled series from the server's /metrics; -1 if absent or unreadable."""
     try:
         with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
             text = response.read().decode()
     except (urllib.error.URLError, OSError):
         return -1
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    match = re.search(r"^coupon_issue_group_size_count (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else -1
 
 
@@ -830,13 +833,17 @@ def measure_webhooks_pair(
         workdir, "postgres", 1, on_port, dsn, args.token, webhook_url=hook_url,
         deliver_in_server=not delivery_process,
     )  # fmt: skip
-    delivery_command = [*on_command, "--role", "webhooks"] if delivery_process else []
+    delivery: contextlib.AbstractContextManager[subprocess.Popen[bytes] | None] = (
+        background_process([*on_command, "--role", "webhooks"], workdir / "pair-delivery.log")
+        if delivery_process
+        else contextlib.nullcontext()
+    )
     log(f"starting the webhooks pair: {shlex.join(off_command)}; {shlex.join(on_command)}")
     with (
         webhook_receiver(receiver_port, workdir),
         server_process(off_command, off_url, workdir / "pair-off.log") as off,
         server_process(on_command, on_url, workdir / "pair-on.log") as on,
-        background_process(delivery_command, workdir / "pair-delivery.log") as delivery,
+        delivery as delivering,
     ):
         warm_up(off_url, args, needs_campaign=True)
         warm_up(on_url, args, needs_campaign=True)
@@ -848,7 +855,7 @@ def measure_webhooks_pair(
                 measure_http(
                     on_url if webhooks else off_url, row, how["conns"], args, "large",
                     server_pid=(on if webhooks else off).pid, runs=range(run, run + 1),
-                    also_pids=(delivery.pid,) if webhooks and delivery else (),
+                    also_pids=(delivering.pid,) if webhooks and delivering else (),
                 )  # fmt: skip
                 if webhooks:
                     waited_s = wait_for_deliveries(dsn)
@@ -856,29 +863,6 @@ def measure_webhooks_pair(
                     row.samples[-1] = replace(
                         last, note=f"{last.note}; all delivered {waited_s:.1f}s after the run"
                     )
-
-
-@contextlib.contextmanager
-def background_process(
-    command: list[str], log_path: Path
-) -> Iterator[subprocess.Popen[bytes] | None]:
-    """Run `command` (nothing when empty) until the block ends; end it by its PID."""
-    if not command:
-        yield None
-        return
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        try:
-            yield process
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
 
 
 def wait_for_deliveries(dsn: str, timeout_s: float = 300.0) -> float:
@@ -961,8 +945,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                 continue
             if kind == "pair" and pg is not None:
                 try:
+                    delivery_process = members[0][1]["pair"] == "process"
                     measure_webhooks_pair(
-                        members, args, workdir, pg.dsn, delivery_process=store == "process"
+                        members, args, workdir, pg.dsn, delivery_process=delivery_process
                     )
                 except BenchError as e:
                     for row, _ in members:
