@@ -140,7 +140,8 @@ class PgOutbox:
         self._endpoints = {e.url: e for e in config.endpoints}
         self._sql = webhook_queries()
         # The store's session settings (timeouts, keepalives, no prepared statements for
-        # PgBouncer); procrastinate sets autocommit itself where it needs it.
+        # PgBouncer), less autocommit: procrastinate's LISTEN connection passes it itself (a
+        # second one is an error), and the pooled ones get it from _outbox_pool.
         kwargs = {k: v for k, v in connection_kwargs(database).items() if k != "autocommit"}
         # Also the connections on which deliveries read their events.
         self._connector = PsycopgConnector(
