@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import os
 import threading
+from array import array
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 CODE_LENGTH = 10
 HANGUL_FIRST = 0xAC00
@@ -17,58 +22,55 @@ HANGUL_LAST = 0xD7A3
 ALPHABET = "".join(chr(c) for c in range(HANGUL_FIRST, HANGUL_LAST + 1)) + "0123456789"
 _ALPHABET_SET = frozenset(ALPHABET)
 
+# Characters are drawn from random 16-bit numbers: the first 5 * 11182 of the 65536 values
+# stand for one character each (value mod 11182), so every character has exactly five; the
+# rest (15%) are thrown away rather than folded in, which would favour some characters.
+_BY_NUMBER = tuple(ALPHABET) * (65536 // len(ALPHABET))
+_RANDOM_BYTES_PER_REFILL = 8192  # ~3,500 characters: ~350 codes per system call
 
-_CODE_SPACE = len(ALPHABET) ** CODE_LENGTH
-_CODE_BITS = _CODE_SPACE.bit_length()
-_CODE_BYTES = (_CODE_BITS + 7) // 8
-_CODE_MASK = (1 << _CODE_BITS) - 1
-_RANDOM_CHUNK = 4096
 
+class CharacterStream:
+    """Uniform, independent alphabet characters from a source of random bytes (the
+    operating system's CSPRNG in production), made a page at a time.
 
-class _RandomBytes:
-    """The operating system's CSPRNG, read a page at a time: one system call per ~240 codes
-    instead of one or two per code (it is on the hot path). A process forked after a read
-    starts over, so no two processes ever hand out the same bytes."""
+    A code is a slice of the stream: ten independent uniform characters, so every code is
+    equally likely. Mapping a whole page in C-level loops and slicing costs a fraction of
+    spelling each code out by arithmetic; new_code is on the hot path of every issuance."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer = b""
+    def __init__(self, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self._random_bytes = random_bytes
+        self._lock = threading.Lock()  # a store may draw from worker threads
+        self._characters = ""
         self._position = 0
 
-    def take(self, count: int) -> bytes:
+    def take(self, count: int) -> str:
         with self._lock:
             start = self._position
-            if start + count > len(self._buffer):
-                self._buffer = os.urandom(max(_RANDOM_CHUNK, count))
+            while start + count > len(self._characters):
+                self._characters = self._characters[start:] + self._page()
                 start = 0
             self._position = start + count
-            return self._buffer[start : start + count]
+            return self._characters[start : start + count]
+
+    def _page(self) -> str:
+        numbers = array("H", self._random_bytes(_RANDOM_BYTES_PER_REFILL))
+        accepted = len(_BY_NUMBER)
+        return "".join([_BY_NUMBER[n] for n in numbers if n < accepted])
 
     def forget(self) -> None:
-        self._buffer = b""
-        self._position = 0
+        """Drop what was drawn: a forked child must not hand out its parent's codes."""
+        with self._lock:
+            self._characters = ""
+            self._position = 0
 
 
-_random = _RandomBytes()
-os.register_at_fork(after_in_child=_random.forget)
+_stream = CharacterStream()
+os.register_at_fork(after_in_child=_stream.forget)
 
 
 def new_code() -> str:
-    """Return a fresh code, uniform over every possible code.
-
-    One draw over the whole code space, spelt out in base len(ALPHABET): uniform per character
-    like ten separate draws. A draw past the space is thrown away, not folded into it, which
-    would favour some codes.
-    """
-    while True:
-        number = int.from_bytes(_random.take(_CODE_BYTES)) & _CODE_MASK
-        if number < _CODE_SPACE:
-            break
-    chars = []
-    for _ in range(CODE_LENGTH):
-        number, index = divmod(number, len(ALPHABET))
-        chars.append(ALPHABET[index])
-    return "".join(chars)
+    """Return a fresh code, uniform over every possible code."""
+    return _stream.take(CODE_LENGTH)
 
 
 def is_code(text: str) -> bool:

@@ -6,6 +6,8 @@ Without them an idle or one-byte-a-second client holds a connection (a file desc
 forever, and a body that trickles in holds a call open. uvicorn's own limits still apply:
 `limit_concurrency` (server.max_connections) answers 503 past the cap, and
 `timeout_keep_alive` closes an idle kept-alive connection.
+
+The same protocol answers each request in one socket write (coupon.http_writes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from coupon import metrics
+from coupon.http_writes import OneWritePerAnswer
 
 if TYPE_CHECKING:
     import asyncio
@@ -112,8 +115,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._served_any = True
         self._expect("body", self._body_timeout_s)
         super().on_headers_complete()
-        if self._stopping and self.cycle is not None:
-            self.cycle.keep_alive = False  # answer it, then close
+        if self.cycle is not None:
+            self.cycle.transport = OneWritePerAnswer(self.transport)
+            if self._stopping:
+                self.cycle.keep_alive = False  # answer it, then close
 
     def shutdown(self) -> None:
         """A graceful stop. uvicorn closes every connection without a request in progress at

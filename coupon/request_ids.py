@@ -29,8 +29,11 @@ def begin(ctx: RequestContext[Any, Any]) -> contextvars.Token[str]:
     has one; `end` with the returned token when the call ends."""
     headers = ctx.request_headers
     # `in` first: a missing key costs connectrpc's Headers.get an exception (hot path).
-    given = headers[HEADER] if HEADER in headers else ""  # noqa: SIM401
-    request_id = given if _SANE.fullmatch(given) else f"{_PROCESS_PREFIX}{next(_counter):06x}"
+    given = headers[HEADER] if HEADER in headers else None  # noqa: SIM401
+    if given is not None and _SANE.fullmatch(given):
+        request_id = given
+    else:
+        request_id = f"{_PROCESS_PREFIX}{next(_counter):06x}"
     ctx.response_headers[HEADER] = request_id
     return current_request_id.set(request_id)
 
