@@ -17,6 +17,7 @@ from coupon.auth import Authenticator
 from coupon.call_interceptor import CallInterceptor
 from coupon.config import Config, ConfigError, load_config
 from coupon.gen.coupon_connect import CouponServiceASGIApplication
+from coupon.metrics import flush_calls
 from coupon.metrics import render as render_metrics
 from coupon.rpc_errors import ErrorInterceptor
 from coupon.service import CouponServiceImpl
@@ -87,6 +88,7 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
             if delivery is not None:
                 await delivery.stop()  # POSTs in flight finish or go back to the queue
             await the_store.close()
+            flush_calls()  # the last calls' counts, for a worker's metrics file
 
     # Starlette owns the lifespan; the Connect app is called directly rather than mounted,
     # which would both hide lifespan from it and cost a routing pass on the hot path.
