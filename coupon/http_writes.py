@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 _STATUS_CODE_AT = len(b"HTTP/1.1 ")
+_INTERIM_STATUS_DIGIT = ord("1")
 _NO_EXTRA_INFO: dict[str, object] = {}
 
 
@@ -33,7 +34,7 @@ class OneWritePerAnswer(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._first_write:
             # An interim 1xx answer is not the head: the final answer is still to come.
-            if bytes(data[_STATUS_CODE_AT : _STATUS_CODE_AT + 1]) != b"1":
+            if data[_STATUS_CODE_AT] != _INTERIM_STATUS_DIGIT:
                 self._first_write = False
                 self._head = bytes(data)
                 return

@@ -81,6 +81,7 @@ class _CallTally:
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str, str], int] = {}
+        self.increments: dict[Counter, int] = {}  # other per-call counters (count_one)
         # Per method: a count per latency bucket (the last one +Inf), and the latencies' sum.
         self.buckets: dict[str, list[int]] = {}
         self.sums: dict[str, float] = {}
@@ -112,6 +113,9 @@ class _CallTally:
         for labels, count in self.counts.items():
             REQUESTS.labels(*labels).inc(count)
         self.counts.clear()
+        for counter, count in self.increments.items():
+            counter.inc(count)
+        self.increments.clear()
         for method, buckets in self.buckets.items():
             series = LATENCY.labels(method)
             # prometheus_client (pinned) has no public call to add many observations at once:
@@ -135,6 +139,12 @@ def record_call(method: str, error: Exception | None, started: float) -> None:
     now = time.perf_counter()
     labels = (method, "ok" if error is None else _code_of(error), current_caller().name)
     _tally.record(labels, now - started, now)
+
+
+def count_one(counter: Counter) -> None:
+    """Add one to `counter` (a series of one of the counters above) with the calls' tally: for
+    counters a call updates, such as COUPONS_ISSUED; the call's own record flushes it."""
+    _tally.increments[counter] = _tally.increments.get(counter, 0) + 1
 
 
 def flush_calls() -> None:
