@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging.config
 import os
 
-from coupon.app import CONFIG_PATH_ENV, create_app, freeze_startup_objects
+from coupon.app import CONFIG_PATH_ENV, create_app, tune_garbage_collection
 from coupon.config import load_config
 from coupon.gen.coupon_connect import CouponService
 from coupon.logs import logging_config
@@ -20,4 +20,4 @@ from coupon.pyvoy_asgi import adapt_streaming_protocols, unary_paths
 _config = load_config(os.environ.get(CONFIG_PATH_ENV) or None)
 logging.config.dictConfig(logging_config(_config.server.log_format, _config.server.log_level))
 app = adapt_streaming_protocols(create_app(_config), unary_paths(CouponService.desc()))
-freeze_startup_objects()
+tune_garbage_collection()

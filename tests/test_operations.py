@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
-from coupon.app import create_app
+from coupon.app import YOUNG_COLLECTION_THRESHOLD, create_app
 from coupon.config import AuthConfig, Config
 from coupon.store.memory import MemoryStore
 from tests.support import JSON, SERVICE, ServerThread, call
@@ -179,3 +182,16 @@ async def test_the_connect_timeout_header_is_honoured(config: Config) -> None:
             )
     assert response.status_code == 504
     assert response.json()["code"] == "deadline_exceeded"
+
+
+def test_a_server_process_freezes_its_start_up_and_collects_young_objects_less_often() -> None:
+    # In a process of its own: the setting is for server processes, not this test run.
+    probe = (
+        "import gc; from coupon.app import app_from_environment; app_from_environment(); "
+        "print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "COUPON_CONFIG_PATH"}
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=environment, check=True
+    )
+    assert answer.stdout.split() == [str(YOUNG_COLLECTION_THRESHOLD), "True"]
