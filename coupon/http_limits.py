@@ -111,10 +111,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._expect("header", self._header_timeout_s)
         self._sweeper.watch(min(self._header_timeout_s, self._body_timeout_s) / 4)
 
+    # The per-request callbacks below call HttpToolsProtocol's by name rather than through
+    # super(), which builds a proxy object on every call: they run three times per request.
+
     def on_headers_complete(self) -> None:
         self._served_any = True
-        self._expect("body", self._body_timeout_s)
-        super().on_headers_complete()
+        self._phase = "body"
+        self._deadline = self.loop.time() + self._body_timeout_s
+        HttpToolsProtocol.on_headers_complete(self)
         if self.cycle is not None:
             self.cycle.transport = OneWritePerAnswer(self.transport)
             if self._stopping:
@@ -134,14 +138,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._deadline = None
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        HttpToolsProtocol.on_response_complete(self)
         # The next request's headers are due within the same bound (a kept-alive connection
         # that trickles them would otherwise escape the keep-alive timeout).
         if not self.transport.is_closing():
-            self._expect("header", self._header_timeout_s)
+            self._phase = "header"
+            self._deadline = self.loop.time() + self._header_timeout_s
 
 
 def limited_protocol(header_timeout_s: float, body_timeout_s: float) -> Any:
