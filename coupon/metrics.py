@@ -120,7 +120,7 @@ class _CallTally:
             series = LATENCY.labels(method)
             # prometheus_client (pinned) has no public call to add many observations at once:
             # its histogram keeps a value per bucket (not cumulative) and one for the sum,
-            # which observe() increments. tests/test_operations.py compares the result with
+            # which observe() increments. tests/test_metrics.py compares the result with
             # observe() itself.
             for index, count in enumerate(buckets):
                 if count:

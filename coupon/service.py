@@ -121,7 +121,7 @@ class CouponServiceImpl(CouponService):
             user_id = verified_user
         idempotency_key = parse_idempotency_key(request.idempotency_key)
         if user_id is None and idempotency_key is None:
-            issue = _ANONYMOUS_ISSUE  # most calls: no need to build one each time
+            issue = _ANONYMOUS_ISSUE  # nothing to tell this call apart: one shared request
         else:
             issue = IssueRequest(user_id=user_id, idempotency_key=idempotency_key)
         try:
