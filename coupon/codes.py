@@ -38,9 +38,9 @@ class CharacterStream:
     operating system's CSPRNG in production), made a page at a time.
 
     A code is a slice of the stream: ten independent uniform characters, so every code is
-    equally likely. Mapping a page of numbers in one pass and slicing codes from it costs
-    a third of spelling each code out by big-integer arithmetic (new_code is on the hot path
-    of every issuance)."""
+    equally likely. Mapping a page of numbers in one pass and slicing codes from it takes
+    less than half the time of spelling each code out by big-integer arithmetic inside the
+    server (new_code is on the hot path of every issuance)."""
 
     def __init__(self, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self._random_bytes = random_bytes
