@@ -744,11 +744,13 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
 
     for c in CONNECTIONS:
         if "echo" in only:
-            add(f"echo@{c}", f"echo baseline, c={c}", "echoes/s", None, kind="echo", conns=c)
+            add(f"echo@{c}", f"echo baseline, c={c}", "echoes/s", None, kind="echo", conns=c,
+                beside_echo=True)  # fmt: skip
     for c in CONNECTIONS:
         if "memory" in only:
             add(f"memory@{c}", f"memory, 1 worker, c={c}", "issued/s", f"echo@{c}",
-                kind="coupon", store="memory", workers=1, conns=c, campaign="large")  # fmt: skip
+                kind="coupon", store="memory", workers=1, conns=c, campaign="large",
+                beside_echo=True)  # fmt: skip
     # With webhooks, P1 (1 worker) is measured as the "off" half of the on/off pair.
     paired = "webhooks" in only
     for workers in (1, 2):
@@ -779,7 +781,7 @@ def plan_rows(only: set[str], pg_ok: bool) -> list[tuple[Row, dict[str, Any]]]:
         if "soldout" in only:
             add(f"soldout-memory@{c}", f"sold-out storm, memory, c={c}", "sold-out answers/s",
                 f"echo@{c}", kind="coupon", store="memory", workers=1, conns=c,
-                campaign="soldout")  # fmt: skip
+                campaign="soldout", beside_echo=True)  # fmt: skip
     if "soldout" in only:
         add("soldout-pg1@256", "sold-out storm, postgres, 1 worker, c=256",
             "sold-out answers/s", "echo@256", kind="coupon", store="postgres", workers=1,
@@ -865,6 +867,48 @@ def measure_webhooks_pair(
                     )
 
 
+def measure_beside_echo(
+    members: list[tuple[Row, dict[str, Any]]], args: argparse.Namespace, workdir: Path
+) -> None:
+    """The echo baseline and the memory-store rows measured against it: both servers up side
+    by side, their runs taking turns (echo, then the memory rows, at each concurrency, run
+    after run), so a drift in the machine's speed during the bench favours neither side of
+    their ratios; measured one group after the other, the two drifted apart by more than the
+    targets' margins."""
+    echo_url, memory_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    echo_command = [sys.executable, str(ECHO), "--port", echo_url.rsplit(":", 1)[1]]
+    memory_command = coupon_server_command(
+        workdir, "memory", 1, int(memory_url.rsplit(":", 1)[1]), "", args.token
+    )
+    log(f"starting echo and memory side by side: {shlex.join(echo_command)}; "
+        f"{shlex.join(memory_command)}")  # fmt: skip
+    turns = sorted(members, key=lambda member: (member[1]["conns"], member[1]["kind"] != "echo"))
+    try:
+        with (
+            server_process(echo_command, echo_url, workdir / "echo.log") as echo,
+            server_process(memory_command, memory_url, workdir / "memory-1w.log") as memory,
+        ):
+            warm_up(echo_url, args, needs_campaign=False)
+            warm_up(memory_url, args, needs_campaign=True)
+            for run in range(args.runs):
+                for row, how in turns:
+                    if row.not_measured:
+                        continue
+                    is_echo = how["kind"] == "echo"
+                    log(f"{row.label}:")
+                    try:
+                        measure_http(
+                            echo_url if is_echo else memory_url, row, how["conns"], args,
+                            how.get("campaign", "echo"), runs=range(run, run + 1),
+                            server_pid=(echo if is_echo else memory).pid,
+                        )  # fmt: skip
+                    except BenchError as e:
+                        row.not_measured = str(e)
+    except BenchError as e:
+        for row, _ in members:
+            row.not_measured = row.not_measured or f"server did not start: {e}"
+
+
 def wait_for_deliveries(dsn: str, timeout_s: float = 300.0) -> float:
     """Poll the outbox until no webhook job is waiting or running (a delivered job is deleted);
     the seconds it took."""
@@ -918,6 +962,8 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                      how.get("engine"))  # fmt: skip
             if how.get("pair"):
                 group = ("pair", how["pair"], None, None, None, True, None)
+            if how.get("beside_echo") and "echo" in only and only & {"memory", "soldout"}:
+                group = ("beside-echo", None, None, None, None, False, None)
             groups.setdefault(group, []).append((row, how))
         for (
             kind,
@@ -952,6 +998,9 @@ def run_all(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict[st
                 except BenchError as e:
                     for row, _ in members:
                         row.not_measured = row.not_measured or str(e)
+                continue
+            if kind == "beside-echo":
+                measure_beside_echo(members, args, workdir)
                 continue
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"

@@ -320,3 +320,33 @@ def test_profile_samples_the_memory_hot_path(tmp_path: Path) -> None:
     # Our service answered the calls it sampled, and its frames are attributed to us.
     assert "CouponServiceImpl.issue_coupon (coupon/service.py)" in text
     assert "| ours (coupon/) |" in text
+
+
+def test_bench_measures_memory_beside_echo_in_turns(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed; bench.py needs it: apt-get install -y wrk")
+    report = tmp_path / "bench.md"
+    done = run_tool(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench.py"),
+            *("--only", "echo,memory", "--duration", "1", "--runs", "2", "--warmup", "0"),
+            *("--output", str(report), "--chart", str(tmp_path / "bench.png")),
+        ],
+        timeout_s=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Both servers are up together and each run of a memory row follows one of echo's, so a
+    # drift of the machine's speed weighs on both sides of the ratio alike.
+    assert done.stderr.count("starting ") == 1, done.stderr
+    assert "starting echo and memory side by side" in done.stderr
+    turns = [line[:-1] for line in done.stderr.splitlines() if line.endswith(", c=64:")]
+    assert turns == ["echo baseline, c=64", "memory, 1 worker, c=64"] * 2
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")
+        for line in report.read_text().splitlines()
+        if line.startswith("| memory") or line.startswith("| echo")
+    }
+    for c in (64, 256):
+        assert rows[f"echo baseline, c={c}"][6].count(", ") == 1  # its two runs
+        assert rows[f"memory, 1 worker, c={c}"][7].endswith("x echo baseline")
