@@ -875,11 +875,10 @@ def measure_beside_echo(
     after run), so a drift in the machine's speed during the bench favours neither side of
     their ratios; measured one group after the other, the two drifted apart by more than the
     targets' margins."""
-    echo_url, memory_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    echo_command = [sys.executable, str(ECHO), "--port", echo_url.rsplit(":", 1)[1]]
-    memory_command = coupon_server_command(
-        workdir, "memory", 1, int(memory_url.rsplit(":", 1)[1]), "", args.token
-    )
+    echo_port, memory_port = free_port(), free_port()
+    echo_url, memory_url = f"http://127.0.0.1:{echo_port}", f"http://127.0.0.1:{memory_port}"
+    echo_command = [sys.executable, str(ECHO), "--port", str(echo_port)]
+    memory_command = coupon_server_command(workdir, "memory", 1, memory_port, "", args.token)
     log(f"starting echo and memory side by side: {shlex.join(echo_command)}; "
         f"{shlex.join(memory_command)}")  # fmt: skip
     turns = sorted(members, key=lambda member: (member[1]["conns"], member[1]["kind"] != "echo"))

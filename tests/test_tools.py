@@ -178,6 +178,14 @@ def run_bench(
     tmp_path: Path, *rows_and_flags: str, tools: tuple[str, ...] = ("wrk",), timeout_s: float = 60
 ) -> str:
     """One short bench.py run (1 s, 1 run, no warm-up); its Markdown report."""
+    return run_bench_with_log(tmp_path, *rows_and_flags, tools=tools, timeout_s=timeout_s)[0]
+
+
+def run_bench_with_log(
+    tmp_path: Path, *rows_and_flags: str, tools: tuple[str, ...] = ("wrk",), timeout_s: float = 60
+) -> tuple[str, str]:
+    """One short bench.py run (1 s, 1 run unless --runs follows, no warm-up); its Markdown
+    report and its progress log."""
     packages = {"wrk": "wrk", "h2load": "nghttp2-client"}
     for tool in tools:
         if shutil.which(tool) is None:
@@ -196,7 +204,7 @@ def run_bench(
         timeout_s=timeout_s,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return report.read_text()
+    return report.read_text(), done.stderr
 
 
 def test_bench_runs_the_echo_rows(tmp_path: Path) -> None:
@@ -323,28 +331,16 @@ def test_profile_samples_the_memory_hot_path(tmp_path: Path) -> None:
 
 
 def test_bench_measures_memory_beside_echo_in_turns(tmp_path: Path) -> None:
-    if shutil.which("wrk") is None:
-        pytest.fail("wrk is not installed; bench.py needs it: apt-get install -y wrk")
-    report = tmp_path / "bench.md"
-    done = run_tool(
-        [
-            sys.executable,
-            str(SCRIPTS / "bench.py"),
-            *("--only", "echo,memory", "--duration", "1", "--runs", "2", "--warmup", "0"),
-            *("--output", str(report), "--chart", str(tmp_path / "bench.png")),
-        ],
-        timeout_s=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    text, log = run_bench_with_log(tmp_path, "--only", "echo,memory", "--runs", "2", timeout_s=120)
     # Both servers are up together and each run of a memory row follows one of echo's, so a
     # drift of the machine's speed weighs on both sides of the ratio alike.
-    assert done.stderr.count("starting ") == 1, done.stderr
-    assert "starting echo and memory side by side" in done.stderr
-    turns = [line[:-1] for line in done.stderr.splitlines() if line.endswith(", c=64:")]
+    assert log.count("starting ") == 1, log
+    assert "starting echo and memory side by side" in log
+    turns = [line[:-1] for line in log.splitlines() if line.endswith(", c=64:")]
     assert turns == ["echo baseline, c=64", "memory, 1 worker, c=64"] * 2
     rows = {
         line.split(" | ")[0].lstrip("| "): line.split(" | ")
-        for line in report.read_text().splitlines()
+        for line in text.splitlines()
         if line.startswith("| memory") or line.startswith("| echo")
     }
     for c in (64, 256):
