@@ -16,9 +16,12 @@ from starlette.routing import Route
 from coupon.auth import Authenticator
 from coupon.call_interceptor import CallInterceptor
 from coupon.config import Config, ConfigError, load_config
+from coupon.early_refusals import METHOD as EARLY_REFUSED_METHOD
+from coupon.early_refusals import EarlyRefusals
 from coupon.gen.coupon_connect import CouponServiceASGIApplication
 from coupon.metrics import flush_calls
 from coupon.metrics import render as render_metrics
+from coupon.refusing_campaigns import RefusingCampaigns
 from coupon.rpc_errors import ErrorInterceptor
 from coupon.service import CouponServiceImpl
 from coupon.store.memory import MemoryStore
@@ -51,19 +54,26 @@ def build_store(config: Config, webhooks: Webhooks | None = None) -> Store:
     raise ConfigError(f"store.type {config.store.type!r} is not available in this build")
 
 
-def create_app(config: Config, store: Store | None = None) -> ASGIApp:
-    """Build the app; the store opens at start-up and closes at shutdown (ASGI lifespan)."""
+def create_app(
+    config: Config, store: Store | None = None, refusing: RefusingCampaigns | None = None
+) -> ASGIApp:
+    """Build the app; the store opens at start-up and closes at shutdown (ASGI lifespan).
+    Tests pass their own store, and `refusing` with a clock of their own."""
     webhooks = build_webhooks(config) if store is None else Webhooks()
     the_store = store if store is not None else build_store(config, webhooks)
     # Deliveries run in the server processes unless a `--role webhooks` process does them.
     delivery = webhooks.runner() if config.webhooks.deliver_in_server else None
+    authenticator = Authenticator(config.auth)
+    binary_codec = proto_binary_codec()
+    # Unknown JSON fields are refused: a misspelt "startTime" must not start a campaign now.
+    json_codec = proto_json_codec(ignore_unknown_fields=False)
+    refusing = refusing if refusing is not None else RefusingCampaigns()
     connect_app = CouponServiceASGIApplication(
-        CouponServiceImpl(the_store, config.limits),
+        CouponServiceImpl(the_store, config.limits, refusing=refusing),
         # The metadata interceptor first: it runs before the body is parsed, so metrics count
         # every call and a missing credential is refused without reading the body.
-        interceptors=[CallInterceptor(Authenticator(config.auth)), ErrorInterceptor()],
-        # Unknown JSON fields are refused: a misspelt "startTime" must not start a campaign now.
-        codecs=[proto_binary_codec(), proto_json_codec(ignore_unknown_fields=False)],
+        interceptors=[CallInterceptor(authenticator), ErrorInterceptor()],
+        codecs=[binary_codec, json_codec],
         read_max_bytes=config.limits.max_request_bytes,
     )
 
@@ -106,12 +116,25 @@ def create_app(config: Config, store: Store | None = None) -> ASGIApp:
     # connectrpc annotates with asgiref's precise ASGI types (installed with procrastinate);
     # Starlette's looser ones describe the same calls.
     connect_asgi = cast("ASGIApp", connect_app)
+    issue_path = connect_prefix + EARLY_REFUSED_METHOD
+    issue_app = EarlyRefusals(
+        connect_asgi,
+        store=the_store,
+        authenticator=authenticator,
+        codecs={b"application/proto": binary_codec, b"application/json": json_codec},
+        max_request_bytes=config.limits.max_request_bytes,
+        refusing=refusing,
+    )
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(connect_prefix):
             # The extension first: a server that has it (pyvoy) skips the header scan.
             if _TRAILERS not in (scope.get("extensions") or {}) and _is_native_grpc(scope):
                 await _NATIVE_GRPC_REFUSAL(scope, receive, send)
+                return
+            # Only while some campaign refuses (refusing.entries) is a call looked at first.
+            if scope["path"] == issue_path and refusing.entries:
+                await issue_app(scope, receive, send)
                 return
             await connect_asgi(scope, receive, send)
         else:

@@ -29,13 +29,16 @@ def begin(ctx: RequestContext[Any, Any]) -> contextvars.Token[str]:
     has one; `end` with the returned token when the call ends."""
     headers = ctx.request_headers
     # `in` first: a missing key costs connectrpc's Headers.get an exception (hot path).
-    given = headers[HEADER] if HEADER in headers else None  # noqa: SIM401
-    if given is not None and _SANE.fullmatch(given):
-        request_id = given
-    else:
-        request_id = f"{_PROCESS_PREFIX}{next(_counter):06x}"
+    request_id = choose(headers[HEADER] if HEADER in headers else None)  # noqa: SIM401
     ctx.response_headers[HEADER] = request_id
     return current_request_id.set(request_id)
+
+
+def choose(given: str | None) -> str:
+    """The call's id: the caller's `X-Request-Id` (`given`) when it is sane, else a new one."""
+    if given is not None and _SANE.fullmatch(given):
+        return given
+    return f"{_PROCESS_PREFIX}{next(_counter):06x}"
 
 
 def end(token: contextvars.Token[str]) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from connectrpc._protocol import ConnectWireError
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError, ErrorDetail
 
@@ -58,6 +60,36 @@ def to_connect_error(error: errors.CouponError) -> ConnectError:
                 return ConnectError(code, error.message)
             return ConnectError(code, error.message, details=[_error_info(error.reason)])
     return ConnectError(Code.INTERNAL, "internal error")
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalAnswer:
+    error: ConnectError  # for the metrics; never raised
+    status: int
+    body: bytes
+
+
+def refusal_answer(error: errors.CouponError) -> RefusalAnswer:
+    """The HTTP status and body the Connect runtime answers `error` with, for
+    coupon.early_refusals, which answers without it."""
+    key = (type(error), error.message)
+    answer = _refusal_answers.get(key)
+    if answer is None:
+        connect_error = to_connect_error(error)
+        # connectrpc's own encoder (it has no public one), so these are its bytes exactly;
+        # tests/test_early_refusals.py compares them with its answers. Version pinned.
+        wire = ConnectWireError.from_exception(connect_error)
+        answer = RefusalAnswer(connect_error, wire.to_http_status().code, wire.to_json_bytes())
+        if len(_refusal_answers) >= _MAX_REFUSAL_ANSWERS:
+            _refusal_answers.clear()
+        _refusal_answers[key] = answer
+    return answer
+
+
+# By message too, as a not-started refusal names its campaign's start instant; bounded, as
+# campaigns come and go.
+_MAX_REFUSAL_ANSWERS = 1024
+_refusal_answers: dict[tuple[type[errors.CouponError], str], RefusalAnswer] = {}
 
 
 @functools.cache

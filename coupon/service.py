@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from coupon import metrics
-from coupon.caller import current_caller
+from coupon.caller import Caller, current_caller
 from coupon.campaigns import (
     IssueRequest,
     NewCampaign,
@@ -24,7 +24,13 @@ from coupon.campaigns import (
     parse_user_id,
 )
 from coupon.clock import Clock, system_clock
-from coupon.errors import CampaignEnded, CampaignNotStarted, PermissionDenied, SoldOut
+from coupon.errors import (
+    CampaignEnded,
+    CampaignNotStarted,
+    CouponError,
+    PermissionDenied,
+    SoldOut,
+)
 from coupon.gen.coupon_connect import CouponService
 from coupon.gen.coupon_pb import (
     CampaignSummary,
@@ -49,6 +55,7 @@ from coupon.paging import (
     encode_list_token,
     encode_page_token,
 )
+from coupon.refusing_campaigns import RefusingCampaigns
 from coupon.wire import discount_from_wire, discount_to_wire, instant, state_to_wire, timestamp
 
 if TYPE_CHECKING:
@@ -62,13 +69,51 @@ if TYPE_CHECKING:
 log = logging.getLogger("coupon.service")
 
 _ANONYMOUS_ISSUE = IssueRequest()
+_REFUSAL_COUNTERS = {
+    SoldOut: metrics.SOLD_OUT_REFUSALS,
+    CampaignNotStarted: metrics.NOT_STARTED_REFUSALS,
+    CampaignEnded: metrics.ENDED_REFUSALS,
+}
+
+
+def issue_request_of(request: IssueCouponRequest, caller: Caller) -> tuple[str, IssueRequest]:
+    """The campaign id and the store's request for an IssueCoupon call by `caller`; raises
+    InvalidArgument or PermissionDenied to refuse it."""
+    campaign_id = parse_campaign_id(request.campaign_id)
+    user_id = parse_user_id(request.user_id)
+    verified_user = caller.user_id
+    if verified_user is not None:
+        # A customer's token names the customer: the body may repeat it, never change it.
+        if user_id is not None and user_id != verified_user:
+            raise PermissionDenied("user_id differs from the customer's token")
+        user_id = verified_user
+    idempotency_key = parse_idempotency_key(request.idempotency_key)
+    if user_id is None and idempotency_key is None:
+        # Nothing tells such calls apart: they share one request.
+        return campaign_id, _ANONYMOUS_ISSUE
+    return campaign_id, IssueRequest(user_id=user_id, idempotency_key=idempotency_key)
+
+
+def count_issue_refusal(refusal: CouponError) -> None:
+    """Count an IssueCoupon refusal of the kinds operators watch (sold out, too early, too
+    late) in its own counter."""
+    counter = _REFUSAL_COUNTERS.get(type(refusal))
+    if counter is not None:
+        metrics.count_one(counter)
 
 
 class CouponServiceImpl(CouponService):
-    def __init__(self, store: Store, limits: LimitsConfig, clock: Clock = system_clock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limits: LimitsConfig,
+        clock: Clock = system_clock,
+        refusing: RefusingCampaigns | None = None,
+    ) -> None:
         self._store = store
         self._limits = limits
         self._clock = clock
+        self._refusing = refusing if refusing is not None else RefusingCampaigns()
 
     async def create_campaign(
         self,
@@ -111,29 +156,12 @@ class CouponServiceImpl(CouponService):
         ctx: RequestContext[IssueCouponRequest, IssueCouponResponse],
         /,
     ) -> IssueCouponResponse:
-        campaign_id = parse_campaign_id(request.campaign_id)
-        user_id = parse_user_id(request.user_id)
-        verified_user = current_caller().user_id
-        if verified_user is not None:
-            # A customer's token names the customer: the body may repeat it, never change it.
-            if user_id is not None and user_id != verified_user:
-                raise PermissionDenied("user_id differs from the customer's token")
-            user_id = verified_user
-        idempotency_key = parse_idempotency_key(request.idempotency_key)
-        if user_id is None and idempotency_key is None:
-            issue = _ANONYMOUS_ISSUE  # nothing to tell this call apart: one shared request
-        else:
-            issue = IssueRequest(user_id=user_id, idempotency_key=idempotency_key)
+        campaign_id, issue = issue_request_of(request, current_caller())
         try:
             coupon = await self._store.issue_coupon(campaign_id, issue)
-        except SoldOut:
-            metrics.count_one(metrics.SOLD_OUT_REFUSALS)
-            raise
-        except CampaignNotStarted:
-            metrics.count_one(metrics.NOT_STARTED_REFUSALS)
-            raise
-        except CampaignEnded:
-            metrics.count_one(metrics.ENDED_REFUSALS)
+        except (SoldOut, CampaignNotStarted, CampaignEnded) as refusal:
+            count_issue_refusal(refusal)
+            self._refusing.note(campaign_id)  # its next calls may be refused early
             raise
         if not coupon.repeat:
             metrics.count_one(metrics.COUPONS_ISSUED)

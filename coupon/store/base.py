@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         NewCampaign,
         Redemption,
     )
+    from coupon.errors import CouponError
 
 
 class Store(Protocol):
@@ -53,6 +54,12 @@ class Store(Protocol):
         a caller who already holds a code gets it back even when the campaign is sold out or
         has ended.
         """
+
+    def refusal_without_io(self, campaign_id: str, request: IssueRequest) -> CouponError | None:
+        """The refusal issue_coupon would raise for this call, when the store knows it for
+        certain without I/O (no query, no await); None when it would issue or return an
+        earlier code, or cannot tell without asking. A refusal answered from here must be
+        the one issue_coupon gives: coupon.early_refusals answers a sold-out storm with it."""
 
     async def get_campaign(
         self, campaign_id: str, after_seq: int, limit: int, *, brand: str | None

@@ -28,6 +28,7 @@ from coupon.errors import (
     CampaignEnded,
     CampaignNotFound,
     CampaignNotStarted,
+    CouponError,
     CouponExpired,
     CouponNotFound,
     IdempotencyKeyReused,
@@ -109,20 +110,13 @@ class MemoryStore:
         # No await from the checks to the returned answer: a cancellation (deadline, client
         # gone) is delivered only at an await, so it lands before anything is issued or after
         # the answer is fixed. Nothing is orphaned here; a reply can still be lost in transit.
-        state = self._campaigns.get(campaign_id)
-        if state is None:
-            raise CampaignNotFound()
-        campaign = state.campaign
         now = self._clock()
-        if now < campaign.start_time:
-            raise CampaignNotStarted(campaign.start_time)
-        earlier = self._earlier_coupon(state, request)
-        if earlier is not None:
-            return self._issued(state, earlier, repeat=True)
-        if campaign.has_ended(now):
-            raise CampaignEnded()
-        if len(state.coupons) >= campaign.total:
-            raise SoldOut()
+        decision = self._decide(campaign_id, request, now)
+        if isinstance(decision, CouponError):
+            raise decision
+        if isinstance(decision, _Coupon):
+            return self._issued(self._campaigns[campaign_id], decision, repeat=True)
+        state = decision
         code = new_code()
         while code in self._coupons:
             code = new_code()
@@ -136,14 +130,41 @@ class MemoryStore:
         self._event(ISSUED, state, coupon, now)
         return self._issued(state, coupon, repeat=False)
 
+    def refusal_without_io(self, campaign_id: str, request: IssueRequest) -> CouponError | None:
+        # Everything is in memory: the answer is always certain.
+        decision = self._decide(campaign_id, request, self._clock())
+        return decision if isinstance(decision, CouponError) else None
+
+    def _decide(
+        self, campaign_id: str, request: IssueRequest, now: datetime
+    ) -> CouponError | _Coupon | _CampaignState:
+        """What issuing would do, decided without doing it: the refusal (returned, not
+        raised, so that asking costs no exception), the caller's earlier coupon, or the
+        campaign's state to issue from. The checks come in the order Store.issue_coupon
+        documents."""
+        state = self._campaigns.get(campaign_id)
+        if state is None:
+            return CampaignNotFound()
+        campaign = state.campaign
+        if now < campaign.start_time:
+            return CampaignNotStarted(campaign.start_time)
+        earlier = self._earlier_coupon(state, request)
+        if earlier is not None:
+            return earlier
+        if campaign.has_ended(now):
+            return CampaignEnded()
+        if len(state.coupons) >= campaign.total:
+            return SoldOut()
+        return state
+
     @staticmethod
-    def _earlier_coupon(state: _CampaignState, request: IssueRequest) -> _Coupon | None:
+    def _earlier_coupon(
+        state: _CampaignState, request: IssueRequest
+    ) -> _Coupon | IdempotencyKeyReused | None:
         if request.idempotency_key is not None:
             keyed = state.by_key.get(request.idempotency_key)
             if keyed is not None:
-                if keyed.user_id != request.user_id:
-                    raise IdempotencyKeyReused()
-                return keyed
+                return keyed if keyed.user_id == request.user_id else IdempotencyKeyReused()
         if request.user_id is not None:
             return state.by_user.get(request.user_id)
         return None

@@ -314,18 +314,24 @@ class PostgresStore:
         reckoned by the database clock as this process knows it (its own clock plus the skew
         last measured); near either boundary the database decides.
         """
+        refusal = self.refusal_without_io(campaign_id, request)
+        if refusal is not None:
+            raise refusal
+        await self._ensure_migrated()
+        return await self._groups.submit(campaign_id, request)
+
+    def refusal_without_io(self, campaign_id: str, request: IssueRequest) -> CouponError | None:
         # This host's clock, corrected by the database clock's measured skew.
         now = self._clock() + self._skew
         facts = self._facts.get(campaign_id)
         anonymous = request.user_id is None and request.idempotency_key is None
         if anonymous and campaign_id in self._sold_out and self._far_from_end(facts, now):
-            raise SoldOut()
+            return SoldOut()
         if campaign_id in self._not_found:
-            raise CampaignNotFound()
+            return CampaignNotFound()
         if facts is not None and now < facts.start_time - self._start_margin:
-            raise CampaignNotStarted(facts.start_time)
-        await self._ensure_migrated()
-        return await self._groups.submit(campaign_id, request)
+            return CampaignNotStarted(facts.start_time)
+        return None
 
     def _far_from_end(self, facts: CampaignFacts | None, now: datetime) -> bool:
         return facts is not None and (
