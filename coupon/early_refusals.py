@@ -20,6 +20,8 @@ each kind both ways and compares the answers byte for byte.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -78,24 +80,33 @@ class EarlyRefusals:
         ):
             await self._connect_app(scope, receive, send)
             return
-        received = [await receive()]
-        first = received[0]
-        if first["type"] == "http.request" and not first.get("more_body", False):
-            body: bytes | None = first.get("body", b"")  # the usual: one message, no await
-        else:
+        # The runtime's deadline runs from the call's start, body read included: so does
+        # ours, and a call handed on gets what is left of it.
+        timeout_ms = headers.get(_TIMEOUT_HEADER)
+        received: list[Message] = []
+        deadline = None
+        if not timeout_ms:
             body = await _read_body(received, receive, self._max_request_bytes)
-        if body is not None and len(body) > self._max_request_bytes:
-            body = None
+        else:
+            deadline = asyncio.get_running_loop().time() + int(timeout_ms) / 1000
+            try:
+                async with asyncio.timeout_at(deadline):
+                    body = await _read_body(received, receive, self._max_request_bytes)
+            except TimeoutError:
+                body = None  # the runtime answers deadline_exceeded, on what is left: nothing
         refusal = None
         if body is not None and self._names_refusing_campaign(body):
             refusal = self._refusal(body, codec, headers)
         if refusal is None:
+            if deadline is not None:
+                scope = _with_time_left(scope, deadline)
             await self._connect_app(scope, _Replaying(received, receive), send)
             return
         count_issue_refusal(refusal)
         answer = refusal_answer(refusal)
         given_id = headers.get(_REQUEST_ID_HEADER)
         request_id = request_ids.choose(None if given_id is None else given_id.decode())
+        metrics.record_call(METHOD, answer.error, started)  # as the runtime: before sending
         await send(
             {
                 "type": "http.response.start",
@@ -108,7 +119,6 @@ class EarlyRefusals:
             }
         )
         await send({"type": "http.response.body", "body": answer.body, "more_body": False})
-        metrics.record_call(METHOD, answer.error, started)
 
     def _names_refusing_campaign(self, body: bytes) -> bool:
         """Whether the body holds the id of a refusing campaign, found by its shape rather
@@ -138,10 +148,9 @@ class EarlyRefusals:
                 METHOD, None if authorization is None else authorization.decode()
             )
             campaign_id, issue = issue_request_of(request, caller)
-        except Exception as e:  # noqa: BLE001 - a body, credential or request the runtime refuses
-            print("DEBUG", repr(e))
+            refusal = self._store.refusal_without_io(campaign_id, issue)
+        except Exception:  # noqa: BLE001 - the runtime answers it, and logs a store's bug
             return None
-        refusal = self._store.refusal_without_io(campaign_id, issue)
         if refusal is not None:
             self._refusing.note(campaign_id)  # still refusing: keep looking at its calls
             set_caller(caller)  # the metrics' caller label, as the interceptor sets it
@@ -149,6 +158,7 @@ class EarlyRefusals:
 
 
 _REQUEST_ID_HEADER = request_ids.HEADER.encode()
+_TIMEOUT_HEADER = b"connect-timeout-ms"
 _TIMEOUT_MAX_DIGITS = 10  # the Connect protocol's limit, which the runtime enforces
 
 
@@ -162,7 +172,10 @@ def _positive_timeout(value: bytes) -> bool:
 _CHECKED: dict[bytes, Callable[[bytes], bool]] = {
     b"content-encoding": lambda value: value == b"identity",
     b"connect-protocol-version": lambda value: value == b"1",
-    b"connect-timeout-ms": _positive_timeout,
+    _TIMEOUT_HEADER: _positive_timeout,
+    # The runtime refuses a bad credential before asking for the body; waiting here for a
+    # body the client sends only after `100 Continue` would ask for it first.
+    b"expect": lambda _: False,
 }
 
 
@@ -171,21 +184,38 @@ def _unchanged_answer(headers: dict[bytes, bytes]) -> bool:
 
 
 async def _read_body(received: list[Message], receive: Receive, limit: int) -> bytes | None:
-    """The whole body, from the first message in `received` on, keeping every message read
-    there; None when the client left or the body is over `limit` (the runtime answers)."""
-    message = received[0]
+    """The whole body, keeping every message read in `received`; None when the client left
+    or the body is over `limit` (the runtime answers both)."""
+    message = await receive()
+    received.append(message)
     if message["type"] != "http.request":
         return None
-    body: bytes = message.get("body", b"")
-    while message.get("more_body", False):  # a body sent in pieces
+    if not message.get("more_body", False):
+        body: bytes = message.get("body", b"")  # the usual: one message
+        return body if len(body) <= limit else None
+    pieces = [message.get("body", b"")]
+    size = len(pieces[0])
+    while message.get("more_body", False):
         message = await receive()
         received.append(message)
         if message["type"] != "http.request":
             return None
-        body += message.get("body", b"")
-        if len(body) > limit:
+        pieces.append(message.get("body", b""))
+        size += len(pieces[-1])
+        if size > limit:
             return None  # read no further: the runtime reads the rest, and refuses it
-    return body
+    return b"".join(pieces) if size <= limit else None
+
+
+def _with_time_left(scope: Scope, deadline: float) -> Scope:
+    """`scope` with its Connect timeout cut to what is left before `deadline` (at least
+    1 ms: the runtime reads 0 as no time at all, which is what 1 ms gives it too)."""
+    left_ms = max(1, math.ceil((deadline - asyncio.get_running_loop().time()) * 1000))
+    headers = [
+        (name, str(left_ms).encode() if name == _TIMEOUT_HEADER else value)
+        for name, value in scope["headers"]
+    ]
+    return {**scope, "headers": headers}
 
 
 class _Replaying:

@@ -8,6 +8,7 @@ refused a moment ago (coupon.refusing_campaigns), on a clock the tests hold stil
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import re
 from dataclasses import replace
@@ -19,6 +20,7 @@ import pytest
 
 from coupon import request_ids
 from coupon.app import create_app
+from coupon.campaigns import NewCampaign
 from coupon.clock import ManualClock, system_clock
 from coupon.config import AuthConfig, Config, DatabaseConfig, LimitsConfig
 from coupon.gen.coupon_pb import IssueCouponRequest
@@ -55,6 +57,7 @@ class JudgedStore(MemoryStore):
         self.early = True
         self.early_refusals = 0
         self.issue_calls = 0
+        self.refusing = still_refusing()  # the app's, given to create_app
 
     def refusal_without_io(self, campaign_id: str, request: IssueRequest) -> CouponError | None:
         if not self.early:
@@ -103,7 +106,9 @@ def _is_made_up(header: str, value: str) -> bool:
 
 
 def both_ways(
-    store: JudgedStore, http: httpx.Client, make_request: Callable[[], dict[str, Any]]
+    store: JudgedStore | JudgedPostgresStore,
+    http: httpx.Client,
+    make_request: Callable[[], dict[str, Any]],
 ) -> tuple[tuple[Any, ...], tuple[Any, ...], bool]:
     """The answer with early answers allowed, the runtime's answer, and whether the first
     came from the early path (the store refused without I/O and was never asked to issue)."""
@@ -111,8 +116,12 @@ def both_ways(
     refusals, issues = store.early_refusals, store.issue_calls
     early = answer_and_counts(http, make_request())
     answered_early = store.early_refusals == refusals + 1 and store.issue_calls == issues
+    # The runtime alone: with no campaign refusing, the dispatcher does not even look.
     store.early = False
+    noted = dict(store.refusing.entries)
+    store.refusing.entries.clear()
     runtime = answer_and_counts(http, make_request())
+    store.refusing.entries.update(noted)
     return early, runtime, answered_early
 
 
@@ -122,7 +131,7 @@ def served() -> Iterator[tuple[JudgedStore, httpx.Client, dict[str, str], Manual
     store = JudgedStore(clock)
     config = replace(Config(), limits=LimitsConfig(max_request_bytes=4096))
     with (
-        ServerThread(create_app(config, store, still_refusing())) as server,
+        ServerThread(create_app(config, store, store.refusing)) as server,
         httpx.Client(base_url=server.base_url, timeout=30) as http,
     ):
         wait_until_healthy(server.base_url, path="/readyz")
@@ -240,7 +249,7 @@ def served_to_customers(
         auth=AuthConfig(customers_jwt=jwt_config(pair.write_public(tmp_path))),
     )
     with (
-        ServerThread(create_app(config, store, still_refusing())) as server,
+        ServerThread(create_app(config, store, store.refusing)) as server,
         httpx.Client(base_url=server.base_url, timeout=30) as http,
     ):
         wait_until_healthy(server.base_url, path="/readyz")
@@ -293,6 +302,7 @@ class JudgedPostgresStore(PostgresStore):
     early = True
     early_refusals = 0
     issue_calls = 0
+    refusing: RefusingCampaigns
 
     def refusal_without_io(self, campaign_id: str, request: IssueRequest) -> CouponError | None:
         if not self.early:
@@ -311,8 +321,9 @@ def test_postgres_early_answers_are_the_runtimes_answers(pg_dsn: str) -> None:
     calls with neither user nor key) and a start far ahead. A call with a user may hold an
     earlier code, which only the database knows: the runtime answers it."""
     store = JudgedPostgresStore(DatabaseConfig(dsn=pg_dsn), retry_initial_s=0.05)
+    store.refusing = still_refusing()
     with (
-        ServerThread(create_app(Config(), store, still_refusing())) as server,
+        ServerThread(create_app(Config(), store, store.refusing)) as server,
         httpx.Client(base_url=server.base_url, timeout=30) as http,
     ):
         wait_until_healthy(server.base_url, path="/readyz")
@@ -404,3 +415,122 @@ def test_the_first_refusal_of_a_campaign_teaches_the_early_path() -> None:
         monotonic.now += TTL_S * 1.1
         assert not refused_early()
         assert refused_early()
+
+
+# Calls driven message by message through the app itself, as no HTTP client sends them on
+# demand: a body in pieces, a client that leaves, a body that never comes.
+
+
+class Call:
+    """One call to the ASGI app: `pieces` are the body's messages; after them, `then` is
+    "disconnect" or "hang" (nothing more ever comes)."""
+
+    def __init__(self, campaign_id: str, pieces: int, then: str, timeout_ms: str = "") -> None:
+        body = b'{"campaignId": "%s"}' % campaign_id.encode()
+        size = -(-len(body) // pieces)
+        self.messages: list[dict[str, Any]] = [
+            {"type": "http.request", "body": body[i : i + size], "more_body": True}
+            for i in range(0, len(body), size)
+        ]
+        if then == "complete":
+            self.messages[-1]["more_body"] = False
+        elif then == "disconnect":
+            self.messages.append({"type": "http.disconnect"})
+        self.headers = [(b"content-type", b"application/json")]
+        if timeout_ms:
+            self.headers.append((b"connect-timeout-ms", timeout_ms.encode()))
+        self.sent: list[dict[str, Any]] = []
+
+    async def run(self, app: Any) -> tuple[int | None, bytes]:
+        pending = list(self.messages)
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if pending:
+                return pending.pop(0)
+            await never.wait()  # a client that sends nothing more, and stays
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            self.sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": ISSUE, "raw_path": ISSUE.encode(),
+            "query_string": b"", "root_path": "", "headers": self.headers,
+            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080),
+        }  # fmt: skip
+        async with asyncio.timeout(30):  # a hang guard, not a measurement
+            await app(scope, receive, send)
+        status = next((m["status"] for m in self.sent if m["type"] == "http.response.start"), None)
+        body = b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
+        return status, body
+
+
+@pytest.fixture
+async def direct() -> tuple[JudgedStore, Any, dict[str, str]]:
+    store = JudgedStore(ManualClock(system_clock()))
+    app = create_app(Config(), store, store.refusing)
+    sold = (await store.create_campaign(new_campaign(total=1))).id
+    open_ = (await store.create_campaign(new_campaign(total=100))).id
+    assert (await Call(sold, 1, "complete").run(app))[0] == 200
+    assert (await Call(sold, 1, "complete").run(app))[0] == 429  # noted: now refusing
+    return store, app, {"sold": sold, "open": open_}
+
+
+def new_campaign(total: int) -> NewCampaign:
+    return NewCampaign.validate(
+        name="direct", total=total, start_time=None, end_time=None, discount=None,
+        metadata={}, brand=None, max_total=1000, now=system_clock(),
+    )  # fmt: skip
+
+
+async def both_ways_direct(
+    store: JudgedStore, app: Any, make_call: Callable[[], Call], campaign_id: str
+) -> tuple[tuple[int | None, bytes], tuple[int | None, bytes], int]:
+    """The answer with early answers allowed, the runtime's alone, and the codes the
+    campaign issued meanwhile."""
+
+    async def issued() -> int:
+        return (await store.get_campaign(campaign_id, 0, 1, brand=None)).campaign.issued
+
+    before = await issued()
+    early = await make_call().run(app)
+    noted = dict(store.refusing.entries)
+    store.refusing.entries.clear()
+    runtime = await make_call().run(app)
+    store.refusing.entries.update(noted)
+    return early, runtime, await issued() - before
+
+
+DIRECT_CASES = [
+    ("a body in three pieces", "sold", lambda c: Call(c, 3, "complete"), 429),
+    ("a body in three pieces, with time", "sold", lambda c: Call(c, 3, "complete", "5000"), 429),
+    ("a client gone before its body", "sold", lambda c: Call(c, 1, "disconnect"), 499),
+    ("a client gone mid-body", "sold", lambda c: Call(c, 2, "disconnect"), 499),
+    ("a body that never ends, on a refusing campaign", "sold",
+     lambda c: Call(c, 2, "hang", "50"), 504),
+    ("a body that never ends, on a campaign that issues", "open",
+     lambda c: Call(c, 2, "hang", "50"), 504),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("campaign", "make_call", "status"),
+    [case[1:] for case in DIRECT_CASES],
+    ids=[case[0] for case in DIRECT_CASES],
+)
+async def test_a_call_read_in_pieces_is_answered_as_by_the_runtime(
+    direct: tuple[JudgedStore, Any, dict[str, str]],
+    campaign: str,
+    make_call: Callable[[str], Call],
+    status: int,
+) -> None:
+    store, app, campaigns = direct
+    campaign_id = campaigns[campaign]
+    early, runtime, issued = await both_ways_direct(
+        store, app, lambda: make_call(campaign_id), campaign_id
+    )
+    assert early == runtime
+    assert early[0] == status
+    assert issued == 0  # refused, out of time or gone: nothing issued either way
