@@ -208,8 +208,8 @@ async def _read_body(received: list[Message], receive: Receive, limit: int) -> b
 
 
 def _with_time_left(scope: Scope, deadline: float) -> Scope:
-    """`scope` with its Connect timeout cut to what is left before `deadline` (at least
-    1 ms: the runtime reads 0 as no time at all, which is what 1 ms gives it too)."""
+    """`scope` with its Connect timeout cut to what is left before `deadline`: at least
+    1 ms, as a spent deadline must still read as a timeout, not as a malformed header."""
     left_ms = max(1, math.ceil((deadline - asyncio.get_running_loop().time()) * 1000))
     headers = [
         (name, str(left_ms).encode() if name == _TIMEOUT_HEADER else value)
