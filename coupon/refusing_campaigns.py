@@ -5,7 +5,7 @@ Connect runtime, so a server with no refusing campaign pays nothing for early re
 An entry lasts TTL_S after the last refusal that noted it: the service notes each refusal of
 the full path, the early path each refusal of its own. A campaign that stops refusing (its start
 came) stops being looked at within TTL_S, and one that goes on refusing stays. The set is
-bounded, although only campaigns that exist are noted (an unknown id is not).
+bounded, as the ids in it come from callers.
 """
 
 from __future__ import annotations
