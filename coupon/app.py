@@ -69,7 +69,7 @@ def create_app(
     json_codec = proto_json_codec(ignore_unknown_fields=False)
     refusing = refusing if refusing is not None else RefusingCampaigns()
     connect_app = CouponServiceASGIApplication(
-        CouponServiceImpl(the_store, config.limits, refusing=refusing),
+        CouponServiceImpl(the_store, config.limits, refusing),
         # The metadata interceptor first: it runs before the body is parsed, so metrics count
         # every call and a missing credential is refused without reading the body.
         interceptors=[CallInterceptor(authenticator), ErrorInterceptor()],

@@ -55,7 +55,6 @@ from coupon.paging import (
     encode_list_token,
     encode_page_token,
 )
-from coupon.refusing_campaigns import RefusingCampaigns
 from coupon.wire import discount_from_wire, discount_to_wire, instant, state_to_wire, timestamp
 
 if TYPE_CHECKING:
@@ -63,6 +62,7 @@ if TYPE_CHECKING:
 
     from coupon.campaigns import Campaign
     from coupon.config import LimitsConfig
+    from coupon.refusing_campaigns import RefusingCampaigns
     from coupon.store import Store
 
 
@@ -107,13 +107,13 @@ class CouponServiceImpl(CouponService):
         self,
         store: Store,
         limits: LimitsConfig,
+        refusing: RefusingCampaigns,
         clock: Clock = system_clock,
-        refusing: RefusingCampaigns | None = None,
     ) -> None:
         self._store = store
         self._limits = limits
+        self._refusing = refusing  # the early path's, coupon.early_refusals
         self._clock = clock
-        self._refusing = refusing if refusing is not None else RefusingCampaigns()
 
     async def create_campaign(
         self,
