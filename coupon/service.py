@@ -165,12 +165,14 @@ class CouponServiceImpl(CouponService):
             raise
         if not coupon.repeat:
             metrics.count_one(metrics.COUPONS_ISSUED)
-        return IssueCouponResponse(
-            code=coupon.code,
-            issued_at=timestamp(coupon.issued_at),
-            expires_at=timestamp(coupon.expires_at),
-            discount=discount_to_wire(coupon.discount),
-        )
+        reply = IssueCouponResponse(code=coupon.code, issued_at=timestamp(coupon.issued_at))
+        # Only the fields a campaign has: each keyword costs the message's constructor a
+        # field's conversion, on every issuance, even for None.
+        if coupon.expires_at is not None:
+            reply.expires_at = timestamp(coupon.expires_at)
+        if coupon.discount is not None:
+            reply.discount = discount_to_wire(coupon.discount)
+        return reply
 
     async def get_campaign(
         self,
