@@ -24,7 +24,8 @@ _SECONDS_PER_DAY = 86_400
 
 
 def timestamp(moment: datetime | None) -> Timestamp | None:
-    """An aware datetime as a Timestamp, exactly (every datetime is in Timestamp's range)."""
+    """An aware datetime, at any UTC offset, as a Timestamp, exactly. Every instant the service
+    holds came from the clock or from a Timestamp (`instant` below), so it is in range."""
     if moment is None:
         return None
     # One datetime subtraction and two field stores: Timestamp.from_datetime goes through
