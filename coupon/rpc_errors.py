@@ -20,6 +20,7 @@ from connectrpc.errors import ConnectError, ErrorDetail
 
 from coupon import errors
 from coupon.gen.google.rpc.error_details_pb import ErrorInfo
+from coupon.store.cache import BoundedCache
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -80,16 +81,16 @@ def refusal_answer(error: errors.CouponError) -> RefusalAnswer:
         # tests/test_early_refusals.py compares them with its answers. Version pinned.
         wire = ConnectWireError.from_exception(connect_error)
         answer = RefusalAnswer(connect_error, wire.to_http_status().code, wire.to_json_bytes())
-        if len(_refusal_answers) >= _MAX_REFUSAL_ANSWERS:
-            _refusal_answers.clear()
-        _refusal_answers[key] = answer
+        _refusal_answers.put(key, answer)
     return answer
 
 
 # By message too, as a not-started refusal names its campaign's start instant; bounded, as
 # campaigns come and go.
 _MAX_REFUSAL_ANSWERS = 1024
-_refusal_answers: dict[tuple[type[errors.CouponError], str], RefusalAnswer] = {}
+_refusal_answers: BoundedCache[tuple[type[errors.CouponError], str], RefusalAnswer] = BoundedCache(
+    _MAX_REFUSAL_ANSWERS
+)
 
 
 @functools.cache
