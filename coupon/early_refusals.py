@@ -204,7 +204,7 @@ async def _read_body(received: list[Message], receive: Receive, limit: int) -> b
         size += len(pieces[-1])
         if size > limit:
             return None  # read no further: the runtime reads the rest, and refuses it
-    return b"".join(pieces) if size <= limit else None
+    return b"".join(pieces)
 
 
 def _with_time_left(scope: Scope, deadline: float) -> Scope:
