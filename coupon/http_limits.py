@@ -1,6 +1,7 @@
 """Read timeouts uvicorn lacks: a client must send a request's headers within
 `header_timeout_s` of connecting (or of its previous answer) and its body within
-`body_timeout_s` of the headers, or the connection is closed.
+`body_timeout_s` of the headers, or the connection is closed (at most two sweep intervals,
+MAX_SWEEP_INTERVAL_S, past its timeout).
 
 Without them an idle or one-byte-a-second client holds a connection (a file descriptor)
 forever, and a body that trickles in holds a call open. uvicorn's own limits still apply:
@@ -34,10 +35,15 @@ log = logging.getLogger("coupon.server")
 SHUTDOWN_FIRST_REQUEST_S = 1.0
 
 
-# How often the deadlines are checked, at most: a slow client is closed between its timeout and
-# that much later. One timer per server rather than one per request: arming and cancelling a
-# timer around every request cost more CPU than the rest of this module's work per call.
+# How often the deadlines are checked, at most. A deadline starts when a connection opens, or
+# when a sweep first sees the connection waiting (for a request's headers, or for its body), so
+# a slow client is closed between its timeout and two intervals later. The sweeps alone track
+# the deadlines: setting one on every request, in uvicorn's per-request callbacks, cost more CPU
+# per call than the rest of this module's work.
 MAX_SWEEP_INTERVAL_S = 0.25
+
+_HEADERS = "header"  # the phases, as the read-timeout metric names them
+_BODY = "body"
 
 _sweepers: weakref.WeakKeyDictionary[ServerState, _DeadlineSweeper] = weakref.WeakKeyDictionary()
 
@@ -80,45 +86,55 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self._header_timeout_s = header_timeout_s
         self._body_timeout_s = body_timeout_s
-        # When the awaited headers or body are overdue (loop time), and which of the two.
-        self._deadline: float | None = None
-        self._phase = "header"
-        self._served_any = False
+        # What the connection was last seen waiting for: the phase, in which request (uvicorn's
+        # cycle object, None before the first), and until when (loop time). None: not waiting.
+        self._waiting: tuple[str, object, float] | None = None
         self._stopping = False
         sweeper = _sweepers.get(server_state)
         if sweeper is None:
             sweeper = _sweepers[server_state] = _DeadlineSweeper(self.loop, server_state)
         self._sweeper = sweeper
 
-    def _expect(self, phase: str, within_s: float) -> None:
-        self._phase = phase
-        self._deadline = self.loop.time() + within_s
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._waiting = (_HEADERS, None, self.loop.time() + self._header_timeout_s)
+        self._sweeper.watch(min(self._header_timeout_s, self._body_timeout_s) / 4)
+
+    def _awaited(self) -> tuple[str, object] | None:
+        """What the connection waits for now, and in which request: the headers of its first
+        request or of the one after an answer; the body of a request whose headers came; or
+        nothing while a request is being answered."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return _HEADERS, cycle
+        if cycle.more_body:
+            return _BODY, cycle
+        return None
 
     def close_if_overdue(self, now: float) -> bool:
         """Close this connection if what it owes is overdue; whether it is still watched."""
-        if self._deadline is None:
-            return not self.transport.is_closing()
-        if now < self._deadline:
+        if self.transport.is_closing():
+            return False
+        awaited = self._awaited()
+        waiting = self._waiting
+        if awaited is None:
+            self._waiting = None
             return True
-        self._deadline = None
-        if not self.transport.is_closing():
-            metrics.HTTP_READ_TIMEOUTS.labels(self._phase).inc()
-            self.transport.close()
+        phase, request = awaited
+        if waiting is None or waiting[0] != phase or waiting[1] is not request:
+            within_s = self._header_timeout_s if phase == _HEADERS else self._body_timeout_s
+            self._waiting = (phase, request, now + within_s)
+            return True
+        if now < waiting[2]:
+            return True
+        self._waiting = None
+        metrics.HTTP_READ_TIMEOUTS.labels(phase).inc()
+        self.transport.close()
         return False
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._expect("header", self._header_timeout_s)
-        self._sweeper.watch(min(self._header_timeout_s, self._body_timeout_s) / 4)
-
-    # The per-request callbacks below call HttpToolsProtocol's by name rather than through
-    # super(), which builds a proxy object on every call, and set their deadline without
-    # _expect's extra call: they run three times per request.
-
     def on_headers_complete(self) -> None:
-        self._served_any = True
-        self._phase = "body"
-        self._deadline = self.loop.time() + self._body_timeout_s
+        # HttpToolsProtocol's by name rather than through super(), which builds a proxy object
+        # on every call: this runs on every request.
         HttpToolsProtocol.on_headers_complete(self)
         if self.cycle is not None:
             self.cycle.transport = OneWritePerAnswer(self.transport)
@@ -131,23 +147,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         client saw its connection accepted, then dropped unanswered. Such a connection gets
         a short grace to send its request, which is answered with `Connection: close`."""
         self._stopping = True
-        if self._served_any or self.transport.is_closing():
+        if self.cycle is not None or self.transport.is_closing():  # it has had a request
             super().shutdown()
             return
-        if self.parser is not None and self.cycle is None:
-            self._expect("header", min(SHUTDOWN_FIRST_REQUEST_S, self._header_timeout_s))
-
-    def on_message_complete(self) -> None:
-        self._deadline = None
-        HttpToolsProtocol.on_message_complete(self)
-
-    def on_response_complete(self) -> None:
-        HttpToolsProtocol.on_response_complete(self)
-        # The next request's headers are due within the same bound (a kept-alive connection
-        # that trickles them would otherwise escape the keep-alive timeout).
-        if not self.transport.is_closing():
-            self._phase = "header"
-            self._deadline = self.loop.time() + self._header_timeout_s
+        if self.parser is not None:
+            grace_s = min(SHUTDOWN_FIRST_REQUEST_S, self._header_timeout_s)
+            self._waiting = (_HEADERS, None, self.loop.time() + grace_s)
 
 
 def limited_protocol(header_timeout_s: float, body_timeout_s: float) -> Any:
