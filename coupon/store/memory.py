@@ -127,7 +127,8 @@ class MemoryStore:
             state.by_user[request.user_id] = coupon
         if request.idempotency_key is not None:
             state.by_key[request.idempotency_key] = coupon
-        self._event(ISSUED, state, coupon, now)
+        if self._outbox is not None:  # checked here, not in _event: a call less per issuance
+            self._event(ISSUED, state, coupon, now)
         return self._issued(state, coupon, repeat=False)
 
     def refusal_without_io(self, campaign_id: str, request: IssueRequest) -> CouponError | None:
@@ -230,7 +231,8 @@ class MemoryStore:
         coupon.order_id, coupon.redeemed_at = order_id, now
         state.redeemed += 1
         self.history.append(HistoryEntry(code, order_id, "redeem", now))
-        self._event(REDEEMED, state, coupon, now, order_id)
+        if self._outbox is not None:
+            self._event(REDEEMED, state, coupon, now, order_id)
         return self._redemption(coupon, state)
 
     async def cancel_redemption(self, code: str, order_id: str, *, brand: str | None) -> Coupon:
@@ -240,7 +242,8 @@ class MemoryStore:
             coupon.order_id, coupon.redeemed_at = None, None
             state.redeemed -= 1
             self.history.append(HistoryEntry(code, order_id, "cancel", now))
-            self._event(REDEMPTION_CANCELLED, state, coupon, now, order_id)
+            if self._outbox is not None:
+                self._event(REDEMPTION_CANCELLED, state, coupon, now, order_id)
         elif coupon.order_id is not None or not self._cancelled_by(code, order_id):
             raise NotHolder()
         return self._coupon_view(coupon, state)
@@ -253,17 +256,18 @@ class MemoryStore:
         now: datetime,
         order_id: str | None = None,
     ) -> None:
-        if self._outbox is not None:
-            event = new_event(
-                event_type,
-                time=now,
-                campaign_id=coupon.campaign_id,
-                brand=state.campaign.brand,
-                code=coupon.code,
-                user_id=coupon.user_id,
-                order_id=order_id,
-            )
-            self._outbox.record([event])
+        """Record the change's webhook event; only called when the store has an outbox."""
+        assert self._outbox is not None
+        event = new_event(
+            event_type,
+            time=now,
+            campaign_id=coupon.campaign_id,
+            brand=state.campaign.brand,
+            code=coupon.code,
+            user_id=coupon.user_id,
+            order_id=order_id,
+        )
+        self._outbox.record([event])
 
     def _cancelled_by(self, code: str, order_id: str) -> bool:
         return any(
