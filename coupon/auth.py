@@ -79,6 +79,14 @@ class Authenticator:
             if config.customers_jwt is not None
             else None
         )
+        # The methods anyone may call without a credential, and who the caller is then: what
+        # caller_for answers for them whatever the call's headers say, known without reading
+        # the headers (IssueCoupon, every call of a storm, on a server without customer JWTs).
+        self.caller_without_credential: dict[str, Caller] = {}
+        if self._open:
+            self.caller_without_credential.update(dict.fromkeys(METHOD_ROLES, OPEN_ACCESS))
+        if self._customers is None:
+            self.caller_without_credential.update(dict.fromkeys(PUBLIC_METHODS, ANONYMOUS))
 
     def caller_for(self, method: str, authorization: str | None) -> Caller:
         """Who calls `method`; raises Unauthenticated / PermissionDenied to refuse the call."""
@@ -119,11 +127,16 @@ def _bearer(authorization: str | None) -> str | None:
 def identify(authenticator: Authenticator, ctx: RequestContext[Any, Any]) -> None:
     """Record who makes this call (coupon.caller), before its body is even read; raises the
     Connect error that refuses it."""
+    method = ctx.method.name
+    known = authenticator.caller_without_credential.get(method)
+    if known is not None:
+        set_caller(known)
+        return
     headers = ctx.request_headers
     # `in` first: a missing key costs connectrpc's Headers.get an exception (hot path).
     authorization = headers["authorization"] if "authorization" in headers else None  # noqa: SIM401
     try:
-        caller = authenticator.caller_for(ctx.method.name, authorization)
+        caller = authenticator.caller_for(method, authorization)
     except Unauthenticated as e:
         set_caller(UNIDENTIFIED)
         raise to_connect_error(e) from None

@@ -13,8 +13,10 @@ import httpx
 import pytest
 
 from coupon.app import create_app
-from coupon.auth import METHOD_ROLES, PUBLIC_METHODS, roles_for
+from coupon.auth import METHOD_ROLES, PUBLIC_METHODS, Authenticator, roles_for
 from coupon.caller import Caller, CallerFilter, set_caller
+from coupon.config import AuthConfig
+from coupon.errors import Unauthenticated
 from coupon.gen.coupon_connect import CouponService
 from coupon.logs import JsonFormatter
 from coupon.store.memory import MemoryStore
@@ -40,6 +42,39 @@ def test_every_method_of_the_service_is_classified_exactly_once() -> None:
 
 def test_a_method_nobody_classified_is_for_admins_only() -> None:
     assert roles_for("SomeMethodAddedLater") == {"admin"}
+
+
+@pytest.mark.parametrize("keys", ["no keys", "keys"])
+@pytest.mark.parametrize("customers", ["no customer JWTs", "customer JWTs"])
+def test_the_callers_known_without_a_credential_are_the_ones_caller_for_gives(
+    keys: str, customers: str, tmp_path: Path
+) -> None:
+    """identify() skips the headers for the methods in caller_without_credential: for each,
+    caller_for must give that caller whatever the call carries; every other method must
+    depend on the credential (refused without one, or needing a customer's token)."""
+    customers_jwt = (
+        jwt_config(rsa_pair().write_public(tmp_path)) if customers == "customer JWTs" else None
+    )
+    config = (
+        locked_auth(customers_jwt) if keys == "keys" else AuthConfig(customers_jwt=customers_jwt)
+    )
+    authenticator = Authenticator(config)
+    known = authenticator.caller_without_credential
+    some_key = next(iter(KEYS.values()))[0]
+    for method in sorted(PUBLIC_METHODS | set(METHOD_ROLES)):
+        if method in known:
+            for authorization in (None, "", "Bearer not-a-key", f"Bearer {some_key}"):
+                assert authenticator.caller_for(method, authorization) == known[method]
+        else:
+            with pytest.raises(Unauthenticated):
+                authenticator.caller_for(method, None)
+    expected_open = {
+        ("no keys", "no customer JWTs"): PUBLIC_METHODS | set(METHOD_ROLES),
+        ("no keys", "customer JWTs"): set(METHOD_ROLES),
+        ("keys", "no customer JWTs"): PUBLIC_METHODS,
+        ("keys", "customer JWTs"): set(),
+    }
+    assert set(known) == expected_open[keys, customers]
 
 
 # --- the matrix: every method x every kind of credential, on both stores ---
