@@ -163,3 +163,41 @@ def test_past_max_connections_a_new_request_is_refused_with_503(tmp_path: Path) 
 
     print(f"\nmax_connections={cap}: with {cap} held open, a new request got {refused.status_code}")
     assert refused.status_code == 503
+
+
+def test_after_an_answer_the_next_requests_headers_are_due_in_time(tmp_path: Path) -> None:
+    """The header deadline starts again after every answer: a kept-alive client that got its
+    answer and then trickles its next request's headers, a byte at a time, is closed, and the
+    metrics count it as a header timeout."""
+    extra = {"server": {"header_timeout_s": TIMEOUT_S, "body_timeout_s": WAIT_S}}
+    with ServerProcess(tmp_path, None, workers=1, extra=extra) as server:
+        server.wait_for("/healthz", 200)
+        deadline = time.monotonic() + WAIT_S
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"ok\n"):
+                piece = sock.recv(4096)
+                assert piece, f"closed before its answer: {answer!r}"
+                answer += piece
+            sock.setblocking(False)
+            next_request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 100_000
+            sent = 0
+            closed = False
+            with selectors.DefaultSelector() as selector:
+                selector.register(sock, selectors.EVENT_READ)
+                while not closed:
+                    give_up_after(deadline, f"the trickling connection is still open ({sent} B)")
+                    try:
+                        sent += sock.send(next_request[sent : sent + 1])
+                    except OSError:
+                        closed = True  # reset by the server
+                        break
+                    closed = bool(selector.select(timeout=0.1)) and closed_by_server(sock)
+        metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
+
+    status = answer.split(b" ", 2)[1].decode()
+    print(f"\nkept-alive, then trickling: answered {status}, closed after {sent} bytes")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert closed
+    assert 'coupon_http_read_timeouts_total{phase="header"} 1.0' in metrics
