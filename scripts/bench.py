@@ -84,6 +84,9 @@ PROTOCOLS = (
 )
 PROTOCOL_CONNECTIONS = 64
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# From this share of the CPUs' time taken by the host during a run (steal), the run's note says
+# so: such a run measured the neighbours as much as the server.
+STOLEN_NOTE_SHARE = 0.01
 WEBHOOK_SECRET = "bench-webhook-secret-0123456789"
 RECEIVER = ROOT / "scripts" / "webhook_receiver.py"
 JWT_ISSUER = "https://login.bench.test"
@@ -356,6 +359,7 @@ def run_wrk(
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
         "-s", str(script), url + SERVICE + "/" + method, "--", *(script_args or (campaign_id,)),
     ]  # fmt: skip
+    stolen_before = stolen_cpu_s()
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=duration_s + 60, check=False
@@ -365,7 +369,7 @@ def run_wrk(
     match = re.search(r"^BENCH_JSON (\{.*\})$", done.stdout, re.MULTILINE)
     if done.returncode != 0 or match is None:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout}")
-    return dict(json.loads(match.group(1)))
+    return {**json.loads(match.group(1)), "stolen_s": stolen_cpu_s() - stolen_before}
 
 
 def run_h2load(
@@ -393,12 +397,14 @@ def run_h2load(
             "-D", str(duration_s), "-d", str(body_path), *headers, "--log-file", str(log_path),
             url + SERVICE + "/IssueCoupon",
         ]  # fmt: skip
+        stolen_before = stolen_cpu_s()
         try:
             done = subprocess.run(
                 command, capture_output=True, text=True, timeout=duration_s + 60, check=False
             )
         except subprocess.TimeoutExpired as e:
             raise BenchError(f"h2load did not stop within {duration_s + 60}s") from e
+        stolen_s = stolen_cpu_s() - stolen_before
         # Per request: start (µs since the epoch), HTTP status, duration (µs).
         latencies = sorted(
             int(line.split()[2]) for line in log_path.read_text().splitlines() if line.strip()
@@ -420,6 +426,7 @@ def run_h2load(
         "timeout": int(outcome.group(3)),
         "p50_us": latencies[len(latencies) // 2],
         "p99_us": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "stolen_s": stolen_s,
     }
 
 
@@ -438,6 +445,15 @@ def process_tree_cpu_s(pid: int) -> float:
             with contextlib.suppress(OSError, ValueError):
                 pending.extend(int(child) for child in children.read_text().split())
     return total
+
+
+def stolen_cpu_s() -> float:
+    """CPU seconds this virtual machine's CPUs were ready to run but the host ran something
+    else (the `steal` column of /proc/stat, all CPUs together); 0.0 where there is none. A
+    run during which it grows was slowed from outside the machine, whatever this bench did."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8]) / CLOCK_TICKS
+    return 0.0
 
 
 def measure_http(
@@ -557,6 +573,11 @@ def record_run(
     server's CPU time per call (`cpu_s` None: not measured); logged as run `which`."""
     requests = result["requests"]
     cpu_us = cpu_s * 1e6 / requests if cpu_s is not None and requests else None
+    stolen_share = result.get("stolen_s", 0.0) / (
+        result["duration_us"] / 1e6 * (os.cpu_count() or 1)
+    )
+    if stolen_share >= STOLEN_NOTE_SHARE:
+        note = f"{note} host took {stolen_share:.0%} of the CPUs (steal)".strip()
     sample = Sample(
         answered / (result["duration_us"] / 1e6),
         result["p50_us"] / 1000,

@@ -5,7 +5,9 @@ The tools run as subprocesses, as a user would run them, against a server in thi
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -346,3 +348,21 @@ def test_bench_measures_memory_beside_echo_in_turns(tmp_path: Path) -> None:
     for c in (64, 256):
         assert rows[f"echo baseline, c={c}"][6].count(", ") == 1  # its two runs
         assert rows[f"memory, 1 worker, c={c}"][7].endswith("x echo baseline")
+
+
+def test_bench_notes_a_run_the_host_slowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run during which the host took the CPUs from this machine (steal) says so in its
+    note, so that a disturbed run is told apart from a slower server."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    assert bench.stolen_cpu_s() >= 0.0
+    row = bench.Row("echo@64", "echo", "echoes/s", None)
+    run = {"requests": 1000, "duration_us": 10_000_000, "non2xx": 0, "p50_us": 1, "p99_us": 2}
+    cpus = os.cpu_count() or 1
+    bench.record_run(row, "1/2", {**run, "stolen_s": 0.0}, 1000, None, "")
+    bench.record_run(row, "2/2", {**run, "stolen_s": 0.25 * 10 * cpus}, 1000, None, "")
+    assert [sample.note for sample in row.samples] == ["", "host took 25% of the CPUs (steal)"]
