@@ -164,13 +164,10 @@ def request_content_type(scope: Scope) -> bytes:
 
 
 def _is_native_grpc(scope: Scope) -> bool:
-    # The scan of request_content_type written out: this runs on every call.
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            return value.startswith(b"application/grpc") and not value.startswith(
-                b"application/grpc-web"
-            )
-    return False
+    content_type = request_content_type(scope)
+    return content_type.startswith(b"application/grpc") and not content_type.startswith(
+        b"application/grpc-web"
+    )
 
 
 def app_from_environment() -> ASGIApp:
