@@ -16,6 +16,7 @@ constant-time too, but linear in the number of keys for every call).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -79,14 +80,14 @@ class Authenticator:
             if config.customers_jwt is not None
             else None
         )
-        # The methods anyone may call without a credential, and who the caller is then: what
-        # caller_for answers for them whatever the call's headers say, known without reading
-        # the headers (IssueCoupon, every call of a storm, on a server without customer JWTs).
+        # The methods caller_for answers without a credential, and who calls them then. It
+        # decides those before it looks at one, so identify() need not read the headers for
+        # them: IssueCoupon (every call of a storm) on a server without customer JWTs, and
+        # every method on an open server.
         self.caller_without_credential: dict[str, Caller] = {}
-        if self._open:
-            self.caller_without_credential.update(dict.fromkeys(METHOD_ROLES, OPEN_ACCESS))
-        if self._customers is None:
-            self.caller_without_credential.update(dict.fromkeys(PUBLIC_METHODS, ANONYMOUS))
+        for method in PUBLIC_METHODS | METHOD_ROLES.keys():
+            with contextlib.suppress(Unauthenticated):
+                self.caller_without_credential[method] = self.caller_for(method, None)
 
     def caller_for(self, method: str, authorization: str | None) -> Caller:
         """Who calls `method`; raises Unauthenticated / PermissionDenied to refuse the call."""
