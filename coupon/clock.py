@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 Clock = Callable[[], datetime]
+
+# The instant Timestamps and the list page tokens count from.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def microseconds_since_epoch(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
 
 # The current instant, in UTC. A partial rather than a function of our own: the stores read
 # the clock on every issuance, and a call through a partial runs no Python frame (about 800

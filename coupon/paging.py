@@ -11,9 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from coupon.campaigns import ListCursor
+from coupon.clock import EPOCH, microseconds_since_epoch
 from coupon.errors import InvalidArgument
 
 _PREFIX = "v1"
@@ -43,7 +44,7 @@ _LIST_PREFIX = "c1"
 
 
 def encode_list_token(cursor: ListCursor) -> str:
-    micros = _micros(cursor.created_at)
+    micros = microseconds_since_epoch(cursor.created_at)
     raw = f"{_LIST_PREFIX}:{micros}:{cursor.campaign_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -55,17 +56,10 @@ def decode_list_token(token: str) -> ListCursor | None:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         prefix, micros_text, campaign_id = raw.split(":")
-        created_at = _EPOCH + timedelta(microseconds=int(micros_text))
+        created_at = EPOCH + timedelta(microseconds=int(micros_text))
         campaign_id = str(uuid.UUID(campaign_id))
     except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         raise InvalidArgument("page_token is not valid") from None
     if prefix != _LIST_PREFIX:
         raise InvalidArgument("page_token is not valid")
     return ListCursor(created_at=created_at, campaign_id=campaign_id)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _micros(moment: datetime) -> int:
-    return (moment - _EPOCH) // timedelta(microseconds=1)

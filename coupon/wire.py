@@ -9,6 +9,7 @@ from protobuf import Oneof
 from protobuf.wkt import Timestamp
 
 from coupon.campaigns import CouponState, Discount
+from coupon.clock import EPOCH
 from coupon.errors import InvalidArgument
 from coupon.gen import coupon_pb
 
@@ -19,7 +20,6 @@ _STATE_TO_WIRE = {
 }
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SECONDS_PER_DAY = 86_400
 
 
@@ -31,7 +31,7 @@ def timestamp(moment: datetime | None) -> Timestamp | None:
     # One datetime subtraction and two field stores: Timestamp.from_datetime goes through
     # integer nanoseconds and keyword construction, about twice the work, and every reply
     # that carries an instant (each issued coupon) pays it.
-    since_epoch = moment - _EPOCH
+    since_epoch = moment - EPOCH
     wire = Timestamp()
     wire.seconds = since_epoch.days * _SECONDS_PER_DAY + since_epoch.seconds
     wire.nanos = since_epoch.microseconds * 1000

@@ -8,7 +8,6 @@ lock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from coupon.campaigns import (
@@ -21,7 +20,7 @@ from coupon.campaigns import (
     Redemption,
     coupon_state,
 )
-from coupon.clock import Clock, system_clock
+from coupon.clock import Clock, microseconds_since_epoch, system_clock
 from coupon.codes import new_code
 from coupon.errors import (
     AlreadyRedeemed,
@@ -39,6 +38,8 @@ from coupon.errors import (
 from coupon.webhooks.events import ISSUED, REDEEMED, REDEMPTION_CANCELLED, new_event
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from coupon.campaigns import IssueRequest, NewCampaign
     from coupon.webhooks.memory_outbox import MemoryOutbox
 
@@ -201,7 +202,7 @@ class MemoryStore:
         ]
         visible.sort(key=_newest_first)
         if after is not None:
-            boundary = (-_micros(after.created_at), _inverted(after.campaign_id))
+            boundary = (-microseconds_since_epoch(after.created_at), _inverted(after.campaign_id))
             visible = [s for s in visible if _newest_first(s) > boundary]
         page = visible[:limit]
         next_cursor = None
@@ -326,13 +327,6 @@ class MemoryStore:
         return [c.code for c in self._campaigns[campaign_id].coupons]
 
 
-def _micros(moment: datetime) -> int:
-    return (moment - _EPOCH) // timedelta(microseconds=1)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def _inverted(campaign_id: str) -> tuple[int, ...]:
     # Newest first means descending ids too; negate each character so one ascending sort serves.
     return tuple(-ord(c) for c in campaign_id)
@@ -341,4 +335,4 @@ def _inverted(campaign_id: str) -> tuple[int, ...]:
 def _newest_first(state: _CampaignState) -> tuple[int, tuple[int, ...]]:
     created_at = state.campaign.created_at
     assert created_at is not None
-    return (-_micros(created_at), _inverted(state.campaign.id))
+    return (-microseconds_since_epoch(created_at), _inverted(state.campaign.id))
