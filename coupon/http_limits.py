@@ -14,7 +14,6 @@ The same protocol answers each request in one socket write (coupon.http_writes).
 from __future__ import annotations
 
 import functools
-import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +27,6 @@ if TYPE_CHECKING:
 
     from uvicorn.config import Config
     from uvicorn.server import ServerState
-
-log = logging.getLogger("coupon.server")
 
 # At shutdown, how long a connection accepted but not yet carrying a request may still send it.
 SHUTDOWN_FIRST_REQUEST_S = 1.0
