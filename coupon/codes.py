@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
+import re
 import threading
-from array import array
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,13 +23,24 @@ HANGUL_LAST = 0xD7A3
 ALPHABET = "".join(chr(c) for c in range(HANGUL_FIRST, HANGUL_LAST + 1)) + "0123456789"
 _ALPHABET_SET = frozenset(ALPHABET)
 
-# Characters are drawn from random 16-bit numbers: the first 5 * 11182 of the 65536 values
-# stand for one character each (value mod 11182), so every character has exactly five; the
-# rest (15%) are thrown away rather than folded in, which would favour some characters.
+# Characters are drawn from random 16-bit numbers, each split into its high byte b and low byte
+# lo. A high byte below 220 stands for b mod 44 (each of 0..43 five times), so (b mod 44) * 256
+# + lo is uniform over 0..11263: below 11182 it is the alphabet index, the rest (with the high
+# bytes 220..255, 15% of all numbers) is thrown away rather than folded in, which would favour
+# some characters. Every character thus has exactly five of the 65536 numbers.
+# The index is written as the code point U+AC00 + index (U+AC00 is a multiple of 256, so the
+# high byte is 0xAC + b mod 44): Hangul syllables up to index 11171, then ten code points that
+# stand for the digits until the page is done. None of them is a surrogate (all below U+D800).
 _HANGUL_COUNT = HANGUL_LAST - HANGUL_FIRST + 1
-_ACCEPTED_BELOW = (65536 // len(ALPHABET)) * len(ALPHABET)
-_DIGIT_OFFSET = ord("0") - _HANGUL_COUNT  # alphabet index 11172 is "0"
-_UTF16 = "utf-16-le" if sys.byteorder == "little" else "utf-16-be"  # array's own byte order
+_ALPHABET_HIGH_BYTES = (len(ALPHABET) + 255) // 256  # 44: the high bytes an index can have
+_HIGH_BYTE_ACCEPTED_BELOW = (256 // _ALPHABET_HIGH_BYTES) * _ALPHABET_HIGH_BYTES
+_REJECTED = 0xE0  # a high byte no alphabet code point has: U+E000..U+E0FF (private use)
+_CODE_POINT_HIGH_BYTE = bytes(
+    HANGUL_FIRST // 256 + b % _ALPHABET_HIGH_BYTES if b < _HIGH_BYTE_ACCEPTED_BELOW else _REJECTED
+    for b in range(256)
+)
+_PAST_ALPHABET = re.compile(f"[{chr(HANGUL_FIRST + len(ALPHABET))}-\uffff]")
+_DIGIT_STAND_INS = [(chr(HANGUL_FIRST + _HANGUL_COUNT + d), str(d)) for d in range(10)]
 _RANDOM_BYTES_PER_REFILL = 8192  # ~3,500 characters: ~350 codes per system call
 
 
@@ -59,19 +69,16 @@ class CharacterStream:
             return self._characters[start : start + count]
 
     def _page(self) -> str:
-        # Code points by arithmetic, then one decode: a lookup table of the alphabet's
-        # characters was as fast in a loop of its own, but 5x slower inside the server, where
-        # its megabyte of objects is never in the CPU's cache.
-        size, hangul, first, digit = len(ALPHABET), _HANGUL_COUNT, HANGUL_FIRST, _DIGIT_OFFSET
-        code_points = array(
-            "H",
-            [
-                first + index if (index := number % size) < hangul else digit + index
-                for number in array("H", self._random_bytes(_RANDOM_BYTES_PER_REFILL))
-                if number < _ACCEPTED_BELOW
-            ],
-        )
-        return code_points.tobytes().decode(_UTF16)
+        # A page at a time in C: bytes.translate maps every high byte at once, one decode makes
+        # the characters, a regular expression drops the thrown-away ones and ten replaces
+        # write the digits: about 300 instructions a character, where a Python expression per
+        # number cost 1,300.
+        numbers = bytearray(self._random_bytes(_RANDOM_BYTES_PER_REFILL))
+        numbers[1::2] = numbers[1::2].translate(_CODE_POINT_HIGH_BYTE)  # little-endian pairs
+        page = _PAST_ALPHABET.sub("", numbers.decode("utf-16-le"))
+        for stand_in, digit in _DIGIT_STAND_INS:
+            page = page.replace(stand_in, digit)
+        return page
 
     def forget(self) -> None:
         """Drop what was drawn: a forked child must not hand out its parent's codes."""

@@ -37,7 +37,7 @@ def test_is_code_rejects_other_text() -> None:
 
 def test_every_character_has_the_same_share_of_random_numbers() -> None:
     # Every 16-bit number once, in a shuffled order: each character must come out exactly
-    # five times, and the numbers past 5 * 11182 must give none.
+    # five times, and the other 9,626 numbers (65536 - 5 * 11182) must give none.
     numbers = list(range(65536))
     random.Random(7).shuffle(numbers)
     page = array("H", numbers).tobytes()
