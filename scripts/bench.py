@@ -359,17 +359,26 @@ def run_wrk(
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
         "-s", str(script), url + SERVICE + "/" + method, "--", *(script_args or (campaign_id,)),
     ]  # fmt: skip
+    done, stolen_s = run_load_tool(command, duration_s)
+    match = re.search(r"^BENCH_JSON (\{.*\})$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or match is None:
+        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout}")
+    return {**json.loads(match.group(1)), "stolen_s": stolen_s}
+
+
+def run_load_tool(
+    command: list[str], duration_s: int
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run a load tool (wrk, h2load, pgbench) told to stop after `duration_s`; its outcome and
+    the CPU seconds the host took from this machine meanwhile (stolen_cpu_s)."""
     stolen_before = stolen_cpu_s()
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=duration_s + 60, check=False
         )
     except subprocess.TimeoutExpired as e:
-        raise BenchError(f"wrk did not stop within {duration_s + 60}s") from e
-    match = re.search(r"^BENCH_JSON (\{.*\})$", done.stdout, re.MULTILINE)
-    if done.returncode != 0 or match is None:
-        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout}")
-    return {**json.loads(match.group(1)), "stolen_s": stolen_cpu_s() - stolen_before}
+        raise BenchError(f"{command[0]} did not stop within {duration_s + 60}s") from e
+    return done, stolen_cpu_s() - stolen_before
 
 
 def run_h2load(
@@ -397,14 +406,7 @@ def run_h2load(
             "-D", str(duration_s), "-d", str(body_path), *headers, "--log-file", str(log_path),
             url + SERVICE + "/IssueCoupon",
         ]  # fmt: skip
-        stolen_before = stolen_cpu_s()
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=duration_s + 60, check=False
-            )
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"h2load did not stop within {duration_s + 60}s") from e
-        stolen_s = stolen_cpu_s() - stolen_before
+        done, stolen_s = run_load_tool(command, duration_s)
         # Per request: start (µs since the epoch), HTTP status, duration (µs).
         latencies = sorted(
             int(line.split()[2]) for line in log_path.read_text().splitlines() if line.strip()
@@ -693,12 +695,7 @@ def run_pgbench(pg: Postgres, row: Row, args: argparse.Namespace, workdir: Path)
             "-T", str(args.duration), "-f", str(script), "-l", "--log-prefix", str(logs / "tx"),
             pg.dsn,
         ]  # fmt: skip
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=args.duration + 60, check=False
-            )
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"pgbench did not stop within {args.duration + 60}s") from e
+        done, _ = run_load_tool(command, args.duration)
         match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
         if done.returncode != 0 or match is None:
             raise BenchError(f"pgbench failed ({done.returncode}): {done.stderr.strip()[-300:]}")
