@@ -4,6 +4,7 @@ scope, and the redemption history."""
 
 from __future__ import annotations
 
+import gc
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -247,3 +248,31 @@ async def test_the_documented_audit_finds_a_forged_redemption(
     assert (code, "o2", "redeem", "o1", "redeem") in found  # redeemed while held
     assert (code, None, "o2", "redeem") in found  # the history says o2 holds it
     assert (uuid.UUID(created.id), 1, 0) in found  # counted 1, held 0
+
+
+async def test_the_memory_stores_coupons_are_not_rescanned_by_the_garbage_collector() -> None:
+    """Each full garbage collection rescans every object the collector tracks, while every
+    call waits: with a tracked object per coupon, one took 760 ms in a server holding a million
+    coupons. Issued and redeemed coupons, whoever took them, must not add a tracked object
+    each."""
+    store = MemoryStore()
+
+    async def issue_and_redeem(coupons: int, redemptions: int) -> list[str]:
+        created = await store.create_campaign(new_campaign(total=coupons))
+        codes = []
+        for n in range(coupons // 3):
+            for request in (IssueRequest(), IssueRequest(f"u{n}"), IssueRequest(None, f"k{n}")):
+                codes.append((await store.issue_coupon(created.id, request)).code)
+        for n, code in enumerate(codes[::3][:redemptions]):  # the anonymous ones
+            await store.redeem_coupon(code, f"order-{n}", None, brand=None)
+        return codes
+
+    await issue_and_redeem(30, 1)  # first calls import and cache what later calls reuse
+    gc.collect()
+    tracked_before = len(gc.get_objects())
+    codes = await issue_and_redeem(900, 100)
+    gc.collect()
+    grown = len(gc.get_objects()) - tracked_before
+    assert len(set(codes)) == 900
+    # The redemption history, an entry per redemption, is not the coupons': 100 of these.
+    assert grown < 150, f"{grown} more tracked objects after issuing 900 coupons"
