@@ -231,7 +231,8 @@ class MemoryStore:
             raise UserMismatch()
         hold = self._holds.get(code)
         if hold is not None:
-            if hold[0] != order_id:
+            holding_order, _ = hold
+            if holding_order != order_id:
                 raise AlreadyRedeemed()
             return self._redemption(coupon, hold, state)
         now = self._clock()
@@ -247,7 +248,7 @@ class MemoryStore:
     async def cancel_redemption(self, code: str, order_id: str, *, brand: str | None) -> Coupon:
         coupon, state = self._visible_coupon(code, brand)
         hold = self._holds.get(code)
-        if hold is not None and hold[0] == order_id:
+        if hold is not None and hold[0] == order_id:  # held by this order
             now = self._clock()
             del self._holds[code]
             state.redeemed -= 1
