@@ -1,6 +1,7 @@
 """The coupon's life at the Store interface, on every store: expiry at the end instant (the
 store's clock decides: a manual clock in memory, the database clock on PostgreSQL), brand
-scope, and the redemption history."""
+scope, and the redemption history; and, in memory, coupons kept out of the garbage collector's
+rescans."""
 
 from __future__ import annotations
 
