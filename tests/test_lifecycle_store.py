@@ -262,7 +262,8 @@ async def test_the_memory_stores_coupons_are_not_rescanned_by_the_garbage_collec
         created = await store.create_campaign(new_campaign(total=coupons))
         codes = []
         for n in range(coupons // 3):
-            for request in (IssueRequest(), IssueRequest(f"u{n}"), IssueRequest(None, f"k{n}")):
+            anonymous, by_user = IssueRequest(), IssueRequest(user_id=f"u{n}")
+            for request in (anonymous, by_user, IssueRequest(idempotency_key=f"k{n}")):
                 codes.append((await store.issue_coupon(created.id, request)).code)
         for n, code in enumerate(codes[::3][:redemptions]):  # the anonymous ones
             await store.redeem_coupon(code, f"order-{n}", None, brand=None)
